@@ -1,0 +1,29 @@
+//! The pen library. One module per concern; the `pen` binary is a thin CLI over it.
+//!
+//! * [`paths`]: where everything lives (`$PEN_HOME`, runtime sockets).
+//! * [`names`], [`size`]: validation of user input.
+//! * [`vm`]: a VM's recorded configuration (`vm.json`), its lock, its status.
+//! * [`image`]: building and listing the base image (kernel, initrd, root squashfs).
+//! * [`accel`], [`qemu`], [`virtiofsd`]: host capabilities and the processes a VM needs.
+//! * [`supervisor`]: the per-VM process that owns QEMU, virtiofsd, the lock and the agent link.
+//! * [`client`]: `pen shell` / `pen exec` / `pen stop` as clients of a supervisor.
+//! * [`doctor`]: host dependency checks.
+
+pub mod accel;
+pub mod client;
+pub mod doctor;
+pub mod error;
+pub mod fsutil;
+pub mod image;
+pub mod names;
+pub mod paths;
+pub mod qemu;
+pub mod size;
+pub mod supervisor;
+pub mod virtiofsd;
+pub mod vm;
+
+pub use error::UsageError;
+
+/// pen's version, recorded in images and snapshots.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,0 +1,217 @@
+//! A VM's recorded configuration (`vms/<name>/vm.json`), its lock and its status.
+//!
+//! `vm.json` holds what was chosen when the VM was created; it never holds env values.
+//! `lock` is held (flock, exclusive) by the VM's supervisor for as long as QEMU may run, with
+//! the supervisor's pid inside: it is what guarantees one QEMU per overlay disk.
+
+use std::fs::File;
+use std::io::{Read, Seek, Write};
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use nix::fcntl::{Flock, FlockArg};
+use serde::{Deserialize, Serialize};
+
+use crate::fsutil::write_atomic;
+use crate::paths::{PenHome, VmPaths};
+
+/// What `vm.json` records.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmConfig {
+    pub name: String,
+    /// Absolute path of the host directory shared at /workspace.
+    pub dir: PathBuf,
+    pub cpus: u32,
+    pub memory_mb: u32,
+    /// Size of the overlay disk in bytes; fixed at creation.
+    pub disk_size: u64,
+    pub profile: Option<String>,
+    /// sha256 of the profile's `setup` script when the VM was created.
+    #[serde(default)]
+    pub setup_hash: Option<String>,
+    /// Seconds since the epoch.
+    pub created_at: u64,
+}
+
+impl VmConfig {
+    pub fn load(paths: &VmPaths) -> anyhow::Result<Option<VmConfig>> {
+        let path = paths.config();
+        match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .with_context(|| {
+                    format!(
+                        "{} is damaged; fix it or `pen delete` the VM",
+                        path.display()
+                    )
+                })
+                .map(Some),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+        }
+    }
+
+    pub fn save(&self, paths: &VmPaths) -> anyhow::Result<()> {
+        let mut json = serde_json::to_vec_pretty(self)?;
+        json.push(b'\n');
+        write_atomic(&paths.config(), &json)
+    }
+}
+
+pub fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// "5s", "3m", "2h", "4d" ago, for listings.
+pub fn age(since_secs: u64) -> String {
+    let secs = now_secs().saturating_sub(since_secs);
+    match secs {
+        0..=59 => format!("{secs}s"),
+        60..=3599 => format!("{}m", secs / 60),
+        3600..=86399 => format!("{}h", secs / 3600),
+        _ => format!("{}d", secs / 86400),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Running,
+    Stopped,
+}
+
+impl std::fmt::Display for Status {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Status::Running => "running",
+            Status::Stopped => "stopped",
+        })
+    }
+}
+
+/// The exclusive lock a supervisor holds while its VM may run. Dropping it releases it.
+#[derive(Debug)]
+pub struct VmLock {
+    _lock: Flock<File>,
+}
+
+impl VmLock {
+    /// Takes the lock and writes our pid into it. `Ok(None)` when another process holds it.
+    /// Retries briefly, because [`status`] probes the lock for an instant.
+    pub fn try_acquire(paths: &VmPaths) -> anyhow::Result<Option<VmLock>> {
+        for _ in 0..20 {
+            let file = open_lock_file(&paths.lock())?;
+            match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+                Ok(mut lock) => {
+                    lock.set_len(0)?;
+                    lock.rewind()?;
+                    writeln!(lock, "{}", std::process::id())?;
+                    lock.sync_all()?;
+                    return Ok(Some(VmLock { _lock: lock }));
+                }
+                Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+                    std::thread::sleep(std::time::Duration::from_millis(10))
+                }
+                Err((_, e)) => return Err(e).context("locking the VM"),
+            }
+        }
+        Ok(None)
+    }
+}
+
+fn open_lock_file(path: &Path) -> anyhow::Result<File> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))
+}
+
+/// Running (with the supervisor's pid) or stopped. Probes the lock without disturbing it.
+pub fn status(paths: &VmPaths) -> (Status, Option<u32>) {
+    let Ok(mut file) = std::fs::File::open(paths.lock()) else {
+        return (Status::Stopped, None);
+    };
+    let mut text = String::new();
+    let _ = file.read_to_string(&mut text);
+    let pid = text.trim().parse().ok();
+    match Flock::lock(file, FlockArg::LockSharedNonblock) {
+        Ok(_probe) => (Status::Stopped, None),
+        Err(_) => (Status::Running, pid),
+    }
+}
+
+/// Names of all VMs that have a `vm.json`, sorted.
+pub fn list_names(home: &PenHome) -> anyhow::Result<Vec<String>> {
+    let mut names = Vec::new();
+    match std::fs::read_dir(home.vms()) {
+        Ok(entries) => {
+            for entry in entries.flatten() {
+                if entry.path().join("vm.json").exists() {
+                    names.push(entry.file_name().to_string_lossy().into_owned());
+                }
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).context("listing VMs"),
+    }
+    names.sort();
+    Ok(names)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(name: &str) -> VmConfig {
+        VmConfig {
+            name: name.into(),
+            dir: "/src/x".into(),
+            cpus: 2,
+            memory_mb: 2048,
+            disk_size: 10 << 30,
+            profile: None,
+            setup_hash: None,
+            created_at: 1,
+        }
+    }
+
+    #[test]
+    fn config_roundtrips_and_lists() {
+        let home = PenHome::at(tempfile::tempdir().unwrap().keep());
+        let paths = VmPaths::new(&home, "dev");
+        assert!(VmConfig::load(&paths).unwrap().is_none());
+        sample("dev").save(&paths).unwrap();
+        assert_eq!(VmConfig::load(&paths).unwrap().unwrap(), sample("dev"));
+        assert_eq!(list_names(&home).unwrap(), vec!["dev".to_string()]);
+    }
+
+    #[test]
+    fn damaged_config_is_an_error_naming_the_file() {
+        let home = PenHome::at(tempfile::tempdir().unwrap().keep());
+        let paths = VmPaths::new(&home, "dev");
+        std::fs::create_dir_all(&paths.dir).unwrap();
+        std::fs::write(paths.config(), b"{").unwrap();
+        let err = format!("{:#}", VmConfig::load(&paths).unwrap_err());
+        assert!(err.contains("vm.json is damaged"), "{err}");
+    }
+
+    #[test]
+    fn lock_is_exclusive_and_status_sees_it() {
+        let home = PenHome::at(tempfile::tempdir().unwrap().keep());
+        let paths = VmPaths::new(&home, "dev");
+        std::fs::create_dir_all(&paths.dir).unwrap();
+        assert_eq!(status(&paths).0, Status::Stopped);
+        let lock = VmLock::try_acquire(&paths).unwrap().expect("first lock");
+        assert_eq!(status(&paths), (Status::Running, Some(std::process::id())));
+        assert!(VmLock::try_acquire(&paths).unwrap().is_none());
+        drop(lock);
+        assert_eq!(status(&paths).0, Status::Stopped);
+        assert!(VmLock::try_acquire(&paths).unwrap().is_some());
+    }
+}

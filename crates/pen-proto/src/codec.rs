@@ -1,0 +1,159 @@
+use bytes::{Buf, BufMut, BytesMut};
+use tokio_util::codec::{Decoder, Encoder, LengthDelimitedCodec};
+
+use crate::{Frame, Message, SessionId};
+
+/// Largest frame accepted or produced (session id + payload). Stdout chunks are far smaller;
+/// the bound only stops a corrupt length from making the reader allocate gigabytes.
+pub const MAX_FRAME_LEN: usize = 4 * 1024 * 1024;
+
+/// A frame that arrived whole but could not be understood. The stream stays usable.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DecodeError {
+    #[error("frame too short to hold a session id ({0} bytes)")]
+    TooShort(usize),
+    #[error("malformed message on session {session}: {reason}")]
+    Malformed { session: SessionId, reason: String },
+}
+
+/// Encodes [`Frame`]s and decodes them as `Result<Frame, DecodeError>`: a malformed payload
+/// is reported as an item, not as a stream error, so one bad frame never tears down the
+/// link. Only I/O errors and impossible lengths (> [`MAX_FRAME_LEN`]) end the stream.
+#[derive(Debug)]
+pub struct FrameCodec {
+    framing: LengthDelimitedCodec,
+}
+
+impl Default for FrameCodec {
+    fn default() -> Self {
+        FrameCodec {
+            framing: LengthDelimitedCodec::builder()
+                .length_field_type::<u32>()
+                .max_frame_length(MAX_FRAME_LEN)
+                .new_codec(),
+        }
+    }
+}
+
+impl FrameCodec {
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+impl Decoder for FrameCodec {
+    type Item = Result<Frame, DecodeError>;
+    type Error = std::io::Error;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Self::Item>, Self::Error> {
+        let Some(mut body) = self.framing.decode(src)? else {
+            return Ok(None);
+        };
+        if body.len() < 4 {
+            return Ok(Some(Err(DecodeError::TooShort(body.len()))));
+        }
+        let session = body.get_u32();
+        Ok(Some(match postcard::from_bytes::<Message>(&body) {
+            Ok(message) => Ok(Frame { session, message }),
+            Err(e) => Err(DecodeError::Malformed {
+                session,
+                reason: e.to_string(),
+            }),
+        }))
+    }
+}
+
+impl Encoder<Frame> for FrameCodec {
+    type Error = std::io::Error;
+
+    fn encode(&mut self, frame: Frame, dst: &mut BytesMut) -> Result<(), Self::Error> {
+        let mut body = BytesMut::new();
+        body.put_u32(frame.session);
+        let payload = postcard::to_stdvec(&frame.message)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+        body.extend_from_slice(&payload);
+        self.framing.encode(body.freeze(), dst)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{ExecRequest, ExitStatus, TtyRequest, WindowSize};
+
+    fn roundtrip(frame: Frame) -> Frame {
+        let mut codec = FrameCodec::new();
+        let mut buf = BytesMut::new();
+        codec.encode(frame, &mut buf).unwrap();
+        codec.decode(&mut buf).unwrap().unwrap().unwrap()
+    }
+
+    #[test]
+    fn frames_roundtrip() {
+        let frames = vec![
+            Frame::control(Message::Hello {
+                version: 1,
+                software: "pen 0.1".into(),
+            }),
+            Frame::new(
+                7,
+                Message::Exec(ExecRequest {
+                    argv: vec!["sh".into(), "-c".into(), "exit 3".into()],
+                    env: vec![("K".into(), "V".into())],
+                    cwd: Some("/workspace".into()),
+                    tty: Some(TtyRequest {
+                        term: "xterm-256color".into(),
+                        size: WindowSize { rows: 24, cols: 80 },
+                    }),
+                }),
+            ),
+            Frame::new(7, Message::Stdout((0..=255u8).collect())),
+            Frame::new(7, Message::Exit(ExitStatus::Signaled(15))),
+        ];
+        for frame in frames {
+            assert_eq!(roundtrip(frame.clone()), frame);
+        }
+    }
+
+    #[test]
+    fn malformed_payload_names_its_session_and_keeps_the_stream() {
+        let mut codec = FrameCodec::new();
+        let mut buf = BytesMut::new();
+        // length 6: session 5 + two garbage bytes (an enum tag far out of range).
+        buf.put_u32(6);
+        buf.put_u32(5);
+        buf.put_slice(&[0xff, 0xff]);
+        codec
+            .encode(Frame::new(5, Message::Signal(2)), &mut buf)
+            .unwrap();
+        match codec.decode(&mut buf).unwrap().unwrap() {
+            Err(DecodeError::Malformed { session, .. }) => assert_eq!(session, 5),
+            other => panic!("expected a malformed frame, got {other:?}"),
+        }
+        assert_eq!(
+            codec.decode(&mut buf).unwrap().unwrap().unwrap(),
+            Frame::new(5, Message::Signal(2))
+        );
+    }
+
+    #[test]
+    fn oversized_length_is_a_stream_error() {
+        let mut codec = FrameCodec::new();
+        let mut buf = BytesMut::new();
+        buf.put_u32(u32::MAX);
+        assert!(codec.decode(&mut buf).is_err());
+    }
+
+    #[test]
+    fn partial_frames_wait_for_more_bytes() {
+        let mut codec = FrameCodec::new();
+        let mut full = BytesMut::new();
+        codec
+            .encode(Frame::new(1, Message::Stdin(vec![1, 2, 3])), &mut full)
+            .unwrap();
+        let mut buf = BytesMut::from(&full[..full.len() - 1]);
+        assert!(codec.decode(&mut buf).unwrap().is_none());
+        buf.extend_from_slice(&full[full.len() - 1..]);
+        assert!(codec.decode(&mut buf).unwrap().is_some());
+    }
+}

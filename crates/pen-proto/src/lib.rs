@@ -1,0 +1,61 @@
+//! The protocol pen speaks on its two links:
+//!
+//! * **host ↔ guest**: the supervisor and `pen-init` over a virtio-serial port;
+//! * **client ↔ supervisor**: `pen shell` / `pen exec` / `pen stop` over a unix socket.
+//!
+//! Both links carry the same [`Frame`]s. A frame is
+//! `[u32 length, big endian][u32 session id][postcard-encoded Message]`; length covers the
+//! session id and payload. Length-delimited framing comes from `tokio-util`; the payload
+//! encoding from `postcard`. Keeping the session id outside the postcard payload means a frame
+//! whose payload cannot be decoded still names its session, so the receiver can end exactly
+//! that session with an error and carry on (see [`FrameCodec`]).
+//!
+//! Session [`CONTROL`] (0) carries messages about the whole VM (hello, config, ready,
+//! shutdown). Other ids name one exec session each; on the host ↔ guest link the supervisor
+//! allocates them, on the client ↔ supervisor link a connection is one session and uses id 1.
+
+mod codec;
+mod message;
+
+pub use codec::{DecodeError, FrameCodec, MAX_FRAME_LEN};
+pub use message::*;
+
+/// Bumped whenever a change to [`Message`] is not backwards compatible.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Identifies one multiplexed session on a link.
+pub type SessionId = u32;
+
+/// The session id reserved for VM-wide messages.
+pub const CONTROL: SessionId = 0;
+
+/// The session id a client uses for its one session on a supervisor connection.
+pub const CLIENT_SESSION: SessionId = 1;
+
+/// Name of the virtio-serial port the guest agent listens on.
+pub const AGENT_PORT_NAME: &str = "org.pen.agent";
+
+/// Virtio-fs tag of the shared project directory.
+pub const WORKSPACE_TAG: &str = "workspace";
+
+/// Disk serial numbers QEMU gives the guest's block devices, so the guest can find each
+/// disk by role (`/sys/block/vdX/serial`) rather than by probe order.
+pub const ROOT_DISK_SERIAL: &str = "pen-root";
+pub const OVERLAY_DISK_SERIAL: &str = "pen-overlay";
+
+/// One unit on the wire.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    pub session: SessionId,
+    pub message: Message,
+}
+
+impl Frame {
+    pub fn new(session: SessionId, message: Message) -> Self {
+        Frame { session, message }
+    }
+
+    pub fn control(message: Message) -> Self {
+        Frame::new(CONTROL, message)
+    }
+}
