@@ -1,1 +1,125 @@
-//! TODO
+//! `pen doctor`: each host dependency and the accelerator, with the command that fixes what
+//! is missing.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use crate::paths::PenHome;
+
+struct Check {
+    name: &'static str,
+    found: Result<String, String>,
+}
+
+fn tool(name: &'static str, path: Option<PathBuf>, fix: &str) -> Check {
+    Check {
+        name,
+        found: path
+            .map(|p| p.display().to_string())
+            .ok_or_else(|| fix.to_string()),
+    }
+}
+
+/// `QEMU emulator version 7.2.19 (Debian ...)` → (7, 2).
+pub fn parse_qemu_version(text: &str) -> Option<(u32, u32)> {
+    let rest = text.split("version ").nth(1)?;
+    let mut parts = rest.split(|c: char| !c.is_ascii_digit());
+    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+}
+
+fn qemu_check() -> Check {
+    const FIX: &str = "sudo apt-get install qemu-system-x86";
+    let found = match crate::qemu::binary() {
+        Err(_) => Err(FIX.to_string()),
+        Ok(path) => {
+            let out = Command::new(&path).arg("--version").output();
+            let text = out
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default();
+            match parse_qemu_version(&text) {
+                Some(v) if v >= (7, 2) => Ok(format!("{} ({}.{})", path.display(), v.0, v.1)),
+                Some(v) => Err(format!(
+                    "QEMU {}.{} is too old (7.2 or newer needed): {FIX}",
+                    v.0, v.1
+                )),
+                None => Err(format!(
+                    "{} does not report a version: {FIX}",
+                    path.display()
+                )),
+            }
+        }
+    };
+    Check {
+        name: "qemu-system-x86_64",
+        found,
+    }
+}
+
+/// Prints the report; true when everything required is present.
+pub fn run(home: &PenHome) -> bool {
+    let checks = vec![
+        qemu_check(),
+        tool(
+            "virtiofsd",
+            crate::virtiofsd::locate(),
+            crate::virtiofsd::INSTALL_HINT,
+        ),
+        tool(
+            "mmdebstrap",
+            crate::qemu::find_in_path("mmdebstrap"),
+            "sudo apt-get install mmdebstrap",
+        ),
+        tool(
+            "tar2sqfs",
+            crate::qemu::find_in_path("tar2sqfs"),
+            "sudo apt-get install squashfs-tools-ng",
+        ),
+    ];
+    let mut ok = true;
+    for check in &checks {
+        match &check.found {
+            Ok(detail) => println!("ok       {:<20} {detail}", check.name),
+            Err(fix) => {
+                ok = false;
+                println!("MISSING  {:<20} fix: {fix}", check.name);
+            }
+        }
+    }
+    let accel = crate::accel::detect();
+    match &accel.notice {
+        None => println!("ok       {:<20} kvm", "accelerator"),
+        Some(notice) => println!("ok       {:<20} tcg: {notice}", "accelerator"),
+    }
+    match crate::image::BaseImage::load(home) {
+        Some(base) => println!(
+            "ok       {:<20} {} (kernel {}, built {} ago)",
+            "base image",
+            &base.manifest.image_id[..12],
+            base.manifest.kernel_version,
+            crate::vm::age(base.manifest.created_at)
+        ),
+        None => println!(
+            "-        {:<20} not built yet: built on first use, or `pen image build --base`",
+            "base image"
+        ),
+    }
+    ok
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_qemu_versions() {
+        assert_eq!(
+            parse_qemu_version("QEMU emulator version 7.2.19 (Debian 1:7.2+dfsg-7+deb12u18)\n"),
+            Some((7, 2))
+        );
+        assert_eq!(
+            parse_qemu_version("QEMU emulator version 10.0.2\n"),
+            Some((10, 0))
+        );
+        assert_eq!(parse_qemu_version("nonsense"), None);
+    }
+}

@@ -215,3 +215,142 @@ mod tests {
         assert!(VmLock::try_acquire(&paths).unwrap().is_some());
     }
 }
+
+/// Creation flags from `pen shell|exec|start`, already parsed and validated.
+#[derive(Debug, Clone, Default)]
+pub struct CreationFlags {
+    /// Absolute, existing directory.
+    pub dir: Option<PathBuf>,
+    pub cpus: Option<u32>,
+    pub memory_mb: Option<u32>,
+    pub disk_size: Option<u64>,
+    pub profile: Option<String>,
+}
+
+pub const DEFAULT_MEMORY_MB: u32 = 2048;
+pub const MIN_MEMORY_MB: u32 = 128;
+pub const DEFAULT_DISK_SIZE: u64 = 10 << 30;
+
+/// The configuration to record for `name`, and notices for the user. A new VM takes the
+/// flags or the defaults. An existing one keeps its disk size (fixed at creation); a stopped
+/// one takes new cpus/memory/dir, a running one cannot change and says so.
+pub fn resolve_config(
+    name: &str,
+    existing: Option<VmConfig>,
+    flags: &CreationFlags,
+    running: bool,
+    default_dir: &Path,
+) -> (VmConfig, Vec<String>) {
+    let mut notices = Vec::new();
+    let Some(mut vm) = existing else {
+        let vm = VmConfig {
+            name: name.to_string(),
+            dir: flags
+                .dir
+                .clone()
+                .unwrap_or_else(|| default_dir.to_path_buf()),
+            cpus: flags.cpus.unwrap_or_else(host_cpus),
+            memory_mb: flags.memory_mb.unwrap_or(DEFAULT_MEMORY_MB),
+            disk_size: flags.disk_size.unwrap_or(DEFAULT_DISK_SIZE),
+            profile: flags.profile.clone(),
+            setup_hash: None,
+            created_at: now_secs(),
+        };
+        return (vm, notices);
+    };
+    if flags.disk_size.is_some_and(|size| size != vm.disk_size) {
+        notices.push(format!(
+            "--disk-size ignored: VM {name}'s overlay disk was created with {}; delete the VM to change it",
+            crate::size::human(vm.disk_size)
+        ));
+    }
+    let mut changes = Vec::new();
+    if let Some(cpus) = flags.cpus.filter(|c| *c != vm.cpus) {
+        changes.push("--cpus");
+        if !running {
+            vm.cpus = cpus;
+        }
+    }
+    if let Some(memory) = flags.memory_mb.filter(|m| *m != vm.memory_mb) {
+        changes.push("--memory");
+        if !running {
+            vm.memory_mb = memory;
+        }
+    }
+    if let Some(dir) = flags.dir.as_ref().filter(|d| **d != vm.dir) {
+        changes.push("--dir");
+        if !running {
+            vm.dir = dir.clone();
+        }
+    }
+    if running && !changes.is_empty() {
+        notices.push(format!(
+            "{} ignored: VM {name} is running; stop it first (`pen stop {name}`) to change it",
+            changes.join(", ")
+        ));
+    }
+    (vm, notices)
+}
+
+pub fn host_cpus() -> u32 {
+    std::thread::available_parallelism()
+        .map(|n| n.get() as u32)
+        .unwrap_or(1)
+}
+
+#[cfg(test)]
+mod resolve_tests {
+    use super::*;
+
+    fn existing() -> VmConfig {
+        VmConfig {
+            name: "dev".into(),
+            dir: "/src/a".into(),
+            cpus: 2,
+            memory_mb: 1024,
+            disk_size: 10 << 30,
+            profile: None,
+            setup_hash: None,
+            created_at: 1,
+        }
+    }
+
+    #[test]
+    fn new_vm_takes_flags_and_defaults() {
+        let flags = CreationFlags {
+            memory_mb: Some(512),
+            ..Default::default()
+        };
+        let (vm, notices) = resolve_config("dev", None, &flags, false, Path::new("/src/b"));
+        assert_eq!(vm.memory_mb, 512);
+        assert_eq!(vm.disk_size, DEFAULT_DISK_SIZE);
+        assert_eq!(vm.dir, Path::new("/src/b"));
+        assert!(notices.is_empty());
+    }
+
+    #[test]
+    fn disk_size_is_fixed_after_creation() {
+        let flags = CreationFlags {
+            disk_size: Some(20 << 30),
+            ..Default::default()
+        };
+        let (vm, notices) = resolve_config("dev", Some(existing()), &flags, false, Path::new("/x"));
+        assert_eq!(vm.disk_size, 10 << 30);
+        assert!(notices[0].starts_with("--disk-size ignored"), "{notices:?}");
+    }
+
+    #[test]
+    fn stopped_vm_takes_new_shape_running_vm_does_not() {
+        let flags = CreationFlags {
+            cpus: Some(4),
+            dir: Some("/src/c".into()),
+            ..Default::default()
+        };
+        let (vm, notices) = resolve_config("dev", Some(existing()), &flags, false, Path::new("/x"));
+        assert_eq!((vm.cpus, vm.dir.as_path()), (4, Path::new("/src/c")));
+        assert!(notices.is_empty());
+        let (vm, notices) = resolve_config("dev", Some(existing()), &flags, true, Path::new("/x"));
+        assert_eq!(vm, existing());
+        assert!(notices[0].contains("--cpus, --dir ignored"), "{notices:?}");
+    }
+}

@@ -1,1 +1,32 @@
-fn main() {}
+//! `pen`: a thin command line over the pen-core library.
+
+mod cli;
+mod commands;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use pen_core::UsageError;
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_env("PEN_LOG"))
+        .with_writer(std::io::stderr)
+        .without_time()
+        .init();
+    let cli = cli::Cli::parse();
+    match commands::run(cli.command) {
+        Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
+        Err(err) => {
+            let usage = err.downcast_ref::<UsageError>().is_some();
+            // One line for usage errors; the cause chain for the rest.
+            if usage {
+                eprintln!("pen: {err}");
+                ExitCode::from(2)
+            } else {
+                eprintln!("pen: {err:#}");
+                ExitCode::from(1)
+            }
+        }
+    }
+}

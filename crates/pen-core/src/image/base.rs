@@ -1,0 +1,396 @@
+//! Building the base image on the host from Debian packages (nothing prebuilt downloaded):
+//! mmdebstrap → one tar stream → kernel + boot modules (initrd) and the rest (squashfs).
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use anyhow::{bail, Context};
+use nix::fcntl::{Flock, FlockArg};
+
+use super::initrd::{self, InitrdFile};
+use super::{
+    image_id, pen_init_sha256, sources, write_manifest, BaseImage, BaseManifest, FileIdentity,
+    BASE_PACKAGES, PEN_INIT,
+};
+use crate::fsutil::sync_dir;
+use crate::paths::PenHome;
+use crate::progress::Progress;
+use crate::vm::now_secs;
+
+/// Builds the base image, or waits for a build already running and reuses its result.
+pub fn build_base(home: &PenHome) -> anyhow::Result<BaseImage> {
+    let images = home.images();
+    std::fs::create_dir_all(&images).with_context(|| format!("creating {}", images.display()))?;
+    let _lock = lock_builds(&images)?;
+    // Whoever held the lock before us may have just built it.
+    if let Some(image) = BaseImage::load(home) {
+        if image.manifest.pen_init_sha256 == pen_init_sha256() {
+            return Ok(image);
+        }
+    }
+    if PEN_INIT.is_empty() {
+        bail!(
+            "this pen was built without its guest agent (pen-init failed to compile); rebuild pen"
+        );
+    }
+    for tool in ["mmdebstrap", "tar2sqfs"] {
+        if which(tool).is_none() {
+            bail!("{tool} is not installed; it is needed to build the base image: sudo apt-get install mmdebstrap squashfs-tools-ng");
+        }
+    }
+
+    let progress = Progress::start("building the base image (once; about a minute)");
+    let result = build_into(home, &progress);
+    match &result {
+        Ok(_) => progress.finish("done"),
+        Err(_) => progress.abandon(),
+    }
+    result
+}
+
+/// Serialises image builds across processes; released on drop.
+fn lock_builds(images: &Path) -> anyhow::Result<Flock<File>> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(images.join(".build.lock"))
+        .context("opening the image build lock")?;
+    match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => Ok(lock),
+        Err((file, _)) => {
+            eprintln!("pen: another pen is building the image; waiting for it");
+            Flock::lock(file, FlockArg::LockExclusive)
+                .map_err(|(_, e)| anyhow::anyhow!("locking image builds: {e}"))
+        }
+    }
+}
+
+fn build_into(home: &PenHome, progress: &Progress) -> anyhow::Result<BaseImage> {
+    let images = home.images();
+    let tmp = tempfile::Builder::new()
+        .prefix(".tmp-base-")
+        .tempdir_in(&images)?;
+    let log_path = images.join("base-build.log");
+    let mut log =
+        File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
+
+    let sources = sources::host_sources(
+        Path::new("/etc"),
+        std::env::var("PEN_MIRROR").ok().as_deref(),
+    )?;
+    let sources_file = tmp.path().join("sources.list");
+    std::fs::write(&sources_file, sources.lines.join("\n") + "\n")?;
+    writeln!(log, "suite {}\n{}", sources.suite, sources.lines.join("\n"))?;
+
+    // 1. The whole Debian root as one tar.
+    let root_tar = tmp.path().join("root.tar");
+    let mut cmd = Command::new("mmdebstrap");
+    cmd.arg("--variant=minbase")
+        .arg(format!("--include={}", BASE_PACKAGES.join(",")))
+        .args([
+            "--dpkgopt=path-exclude=/usr/share/man/*",
+            "--dpkgopt=path-exclude=/usr/share/doc/*",
+        ])
+        .args(["--dpkgopt=path-include=/usr/share/doc/*/copyright"])
+        .args([
+            "--dpkgopt=path-exclude=/usr/share/locale/*",
+            "--dpkgopt=path-include=/usr/share/locale/locale.alias",
+        ])
+        .arg(&sources.suite)
+        .arg(&root_tar)
+        .arg(&sources_file);
+    run_logged(cmd, progress, &mut log).context("mmdebstrap could not build the Debian root")?;
+
+    // 2. Kernel and modules.dep (first pass), then modules + filtered root (second pass).
+    progress.line("extracting the kernel and boot modules");
+    let (kernel_version, kernel, modules_dep) = find_kernel(&root_tar)?;
+    let deps = initrd::parse_modules_dep(&modules_dep);
+    let order = initrd::load_order(&deps, initrd::BOOT_MODULES)?;
+
+    progress.line("packing the root image (squashfs)");
+    let rootfs_tmp = tmp.path().join("rootfs.sqfs");
+    let modules = pack_rootfs(&root_tar, &rootfs_tmp, &kernel_version, &order, &mut log)?;
+
+    // 3. Boot files.
+    let modules_dir = tmp.path().join("modules");
+    std::fs::create_dir_all(&modules_dir)?;
+    let mut load_list = String::new();
+    for path in &order {
+        let file = path.rsplit('/').next().unwrap_or(path);
+        std::fs::write(modules_dir.join(file), &modules[path])?;
+        load_list.push_str(file);
+        load_list.push('\n');
+    }
+    std::fs::write(modules_dir.join("load.list"), load_list)?;
+    std::fs::write(tmp.path().join("vmlinuz"), &kernel)?;
+    write_initrd(&modules_dir, &tmp.path().join("initrd"))?;
+
+    // 4. Into place; base.json last.
+    for name in ["vmlinuz", "initrd", "rootfs.sqfs"] {
+        File::open(tmp.path().join(name))?.sync_all()?;
+    }
+    let old_modules = images.join("modules");
+    if old_modules.exists() {
+        std::fs::remove_dir_all(&old_modules)?;
+    }
+    std::fs::rename(&modules_dir, &old_modules)?;
+    for (from, to) in [
+        ("vmlinuz", home.kernel()),
+        ("initrd", home.initrd()),
+        ("rootfs.sqfs", home.base_rootfs()),
+    ] {
+        std::fs::rename(tmp.path().join(from), &to)
+            .with_context(|| format!("moving {}", to.display()))?;
+    }
+    sync_dir(&images);
+    let kernel_id = FileIdentity::of(&home.kernel())?;
+    let initrd_id = FileIdentity::of(&home.initrd())?;
+    let rootfs_id = FileIdentity::of(&home.base_rootfs())?;
+    let manifest = BaseManifest {
+        image_id: image_id(&kernel_id, &initrd_id, &rootfs_id),
+        suite: sources.suite,
+        kernel_version,
+        kernel: kernel_id,
+        initrd: initrd_id,
+        rootfs: rootfs_id,
+        pen_init_sha256: pen_init_sha256(),
+        packages: BASE_PACKAGES.iter().map(|p| p.to_string()).collect(),
+        pen_version: crate::VERSION.to_string(),
+        created_at: now_secs(),
+    };
+    write_manifest(home, &manifest)?;
+    BaseImage::load(home).context("the base image just built does not check out")
+}
+
+/// Rebuilds only the initrd (this pen carries another pen-init than the image has).
+pub fn refresh_initrd(home: &PenHome, mut image: BaseImage) -> anyhow::Result<BaseImage> {
+    let images = home.images();
+    let _lock = lock_builds(&images)?;
+    let modules_dir = images.join("modules");
+    if !modules_dir.join("load.list").exists() {
+        drop(_lock);
+        return build_base(home);
+    }
+    let tmp = tempfile::Builder::new()
+        .prefix(".initrd-")
+        .tempfile_in(&images)?;
+    write_initrd(&modules_dir, tmp.path())?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(home.initrd())?;
+    let m = &mut image.manifest;
+    m.initrd = FileIdentity::of(&home.initrd())?;
+    m.image_id = image_id(&m.kernel, &m.initrd, &m.rootfs);
+    m.pen_init_sha256 = pen_init_sha256();
+    write_manifest(home, m)?;
+    Ok(image)
+}
+
+fn write_initrd(modules_dir: &Path, out: &Path) -> anyhow::Result<()> {
+    let load_list = std::fs::read_to_string(modules_dir.join("load.list"))?;
+    let mut files = vec![InitrdFile {
+        path: "init".into(),
+        mode: 0o755,
+        contents: PEN_INIT.to_vec(),
+    }];
+    for name in load_list.lines().filter(|l| !l.is_empty()) {
+        files.push(InitrdFile {
+            path: format!("lib/modules/{name}"),
+            mode: 0o644,
+            contents: std::fs::read(modules_dir.join(name))?,
+        });
+    }
+    files.push(InitrdFile {
+        path: "lib/modules/load.list".into(),
+        mode: 0o644,
+        contents: load_list.into_bytes(),
+    });
+    let out_file = std::io::BufWriter::new(File::create(out)?);
+    initrd::write_cpio(out_file, &files)?.flush()?;
+    Ok(())
+}
+
+/// Runs a command, showing its output lines as progress and keeping them in the log.
+fn run_logged(mut cmd: Command, progress: &Progress, log: &mut File) -> anyhow::Result<()> {
+    let program = cmd.get_program().to_string_lossy().into_owned();
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {program}"))?;
+    // mmdebstrap talks on stderr; merge stdout in from a thread.
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let tx2 = tx.clone();
+    std::thread::spawn(move || {
+        BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .for_each(|l| drop(tx2.send(l)))
+    });
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+            .for_each(|l| drop(tx.send(l)))
+    });
+    let mut tail: Vec<String> = Vec::new();
+    for line in rx {
+        let _ = writeln!(log, "{line}");
+        progress.line(&line);
+        tail.push(line);
+        if tail.len() > 15 {
+            tail.remove(0);
+        }
+    }
+    let status = child.wait()?;
+    if !status.success() {
+        bail!(
+            "{program} failed ({status}); last lines:\n{}",
+            tail.join("\n")
+        );
+    }
+    Ok(())
+}
+
+/// Normalised tar path: no leading "./".
+fn entry_path(entry: &tar::Entry<impl Read>) -> anyhow::Result<String> {
+    let path = entry.path()?.to_string_lossy().into_owned();
+    Ok(path.trim_start_matches("./").to_string())
+}
+
+/// The kernel image, its version and its modules.dep.
+fn find_kernel(root_tar: &Path) -> anyhow::Result<(String, Vec<u8>, String)> {
+    let mut kernel = None;
+    let mut deps: HashMap<String, String> = HashMap::new();
+    let mut archive = tar::Archive::new(BufReader::new(File::open(root_tar)?));
+    for entry in archive.entries()? {
+        let mut entry = entry?;
+        let path = entry_path(&entry)?;
+        if let Some(version) = path.strip_prefix("boot/vmlinuz-") {
+            let mut bytes = Vec::new();
+            entry.read_to_end(&mut bytes)?;
+            kernel = Some((version.to_string(), bytes));
+        } else if let Some(rest) = path.strip_prefix("usr/lib/modules/") {
+            if let Some(version) = rest.strip_suffix("/modules.dep") {
+                let mut text = String::new();
+                entry.read_to_string(&mut text)?;
+                deps.insert(version.to_string(), text);
+            }
+        }
+    }
+    let (version, bytes) = kernel.context(
+        "the Debian root has no /boot/vmlinuz-*: was linux-image-cloud-amd64 installed?",
+    )?;
+    let dep = deps
+        .remove(&version)
+        .with_context(|| format!("the Debian root has no modules.dep for kernel {version}"))?;
+    Ok((version, bytes, dep))
+}
+
+/// Streams the root (minus /boot and the kernel symlinks) into tar2sqfs, collecting the boot
+/// modules on the way. Returns module path (relative to the modules dir) → contents.
+fn pack_rootfs(
+    root_tar: &Path,
+    out: &Path,
+    kernel_version: &str,
+    wanted: &[String],
+    log: &mut File,
+) -> anyhow::Result<HashMap<String, Vec<u8>>> {
+    let jobs = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .to_string();
+    let mut child = Command::new("tar2sqfs")
+        .args([
+            "--quiet",
+            "--force",
+            "--compressor",
+            "zstd",
+            "--num-jobs",
+            &jobs,
+        ])
+        .arg(out)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting tar2sqfs")?;
+    let modules_prefix = format!("usr/lib/modules/{kernel_version}/");
+    let mut modules = HashMap::new();
+    let write_result = (|| -> anyhow::Result<()> {
+        let mut builder = tar::Builder::new(std::io::BufWriter::new(child.stdin.take().unwrap()));
+        let mut archive = tar::Archive::new(BufReader::new(File::open(root_tar)?));
+        for entry in archive.entries()? {
+            let mut entry = entry?;
+            let path = entry_path(&entry)?;
+            if path.is_empty()
+                || (path.starts_with("boot/") && path != "boot/")
+                || path.starts_with("vmlinuz")
+                || path.starts_with("initrd.img")
+            {
+                continue;
+            }
+            let mut header = entry.header().clone();
+            let mut data = Vec::new();
+            entry.read_to_end(&mut data)?;
+            if let Some(rel) = path.strip_prefix(&modules_prefix) {
+                if wanted.iter().any(|w| w == rel) {
+                    modules.insert(rel.to_string(), data.clone());
+                }
+            }
+            match entry.header().entry_type() {
+                // Hard links and symlinks carry their target in the header; path names
+                // longer than the header field need the GNU long-name extension.
+                tar::EntryType::Link | tar::EntryType::Symlink => {
+                    let target = entry.link_name()?.context("link without a target")?;
+                    builder.append_link(&mut header, &path, target)?;
+                }
+                _ => builder.append_data(&mut header, &path, &data[..])?,
+            }
+        }
+        // Mount points every VM uses, present in the image rather than made on each overlay.
+        for dir in ["workspace", "var/lib/pen"] {
+            let mut header = tar::Header::new_gnu();
+            header.set_entry_type(tar::EntryType::Directory);
+            header.set_mode(0o755);
+            header.set_size(0);
+            header.set_mtime(0);
+            builder.append_data(&mut header, dir, std::io::empty())?;
+        }
+        builder.into_inner()?.flush()?;
+        Ok(())
+    })();
+    let output = child.wait_with_output()?;
+    let _ = log.write_all(&output.stderr);
+    write_result.context("streaming the root into tar2sqfs")?;
+    if !output.status.success() {
+        bail!(
+            "tar2sqfs failed ({}): {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+                .lines()
+                .last()
+                .unwrap_or("")
+        );
+    }
+    for path in wanted {
+        if !modules.contains_key(path) {
+            bail!("the Debian root lacks the boot module {path}");
+        }
+    }
+    Ok(modules)
+}
+
+fn which(tool: &str) -> Option<std::path::PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|dir| Path::new(dir).join(tool))
+        .find(|p| p.is_file())
+}

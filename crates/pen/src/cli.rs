@@ -1,0 +1,129 @@
+//! The command line, as clap sees it. Semantics live in pen-core; see SPEC.md "Command line".
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "pen",
+    version,
+    about = "A shell in an isolated Linux microVM, with your project at /workspace"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Open an interactive shell in a VM (created and started as needed).
+    Shell {
+        /// VM name (default: the directory's name).
+        name: Option<String>,
+        #[command(flatten)]
+        create: CreateArgs,
+    },
+    /// Run one command in a VM; its exit status becomes pen's.
+    Exec {
+        name: String,
+        #[command(flatten)]
+        create: CreateArgs,
+        /// Give the command a pseudo-terminal.
+        #[arg(short = 't', long = "tty")]
+        tty: bool,
+        /// The command and its arguments, after `--`.
+        #[arg(last = true, required = true, value_name = "CMD")]
+        command: Vec<String>,
+    },
+    /// Start a VM in the background; it runs until `pen stop`.
+    Start {
+        name: String,
+        #[command(flatten)]
+        create: CreateArgs,
+    },
+    /// Stop a running VM (sync and power off).
+    Stop {
+        name: String,
+        /// Kill the VM if it does not power off in time (or its supervisor does not answer).
+        #[arg(long)]
+        force: bool,
+    },
+    /// List VMs.
+    #[command(visible_alias = "ls")]
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a stopped VM and its overlay disk.
+    #[command(visible_alias = "rm")]
+    Delete {
+        name: String,
+        /// Delete without asking, stopping the VM first if it runs.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Show a VM's console log.
+    Logs {
+        name: String,
+        /// Keep printing as the log grows.
+        #[arg(short = 'f', long)]
+        follow: bool,
+    },
+    /// Images: build and list.
+    Image {
+        #[command(subcommand)]
+        command: ImageCommand,
+    },
+    /// Print pen's version.
+    Version,
+    /// Check the host for everything pen needs, with the fix for what is missing.
+    Doctor,
+    /// Print shell completions.
+    Completions { shell: clap_complete::Shell },
+    /// Internal: the per-VM supervisor (started by pen itself).
+    #[command(name = "__supervise", hide = true)]
+    Supervise { name: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ImageCommand {
+    /// Build an image.
+    Build {
+        /// Build the base image.
+        #[arg(long, required = true)]
+        base: bool,
+    },
+    /// List images with sizes and ages.
+    #[command(visible_alias = "ls")]
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Flags that create or shape a VM; recorded in vm.json on first use.
+#[derive(Debug, Args, Default, Clone)]
+pub struct CreateArgs {
+    /// Directory shared at /workspace (default: the current directory).
+    #[arg(long, value_name = "PATH")]
+    pub dir: Option<PathBuf>,
+    /// Virtual CPUs (default: the host's count).
+    #[arg(long, value_name = "N")]
+    pub cpus: Option<String>,
+    /// Memory in MB (default: 2048).
+    #[arg(long, value_name = "MB")]
+    pub memory: Option<String>,
+    /// Overlay disk size, e.g. 10G (default 10G; fixed when the VM is created).
+    #[arg(long, value_name = "SIZE")]
+    pub disk_size: Option<String>,
+    /// Set KEY=VALUE in the VM (repeatable). Never written to disk.
+    #[arg(long = "env", value_name = "KEY=VALUE")]
+    pub env: Vec<String>,
+    /// Copy KEY's value from this shell into the VM (repeatable).
+    #[arg(long = "env-from-host", value_name = "KEY")]
+    pub env_from_host: Vec<String>,
+    /// Accelerator: kvm or tcg (default: kvm when usable; also PEN_ACCEL).
+    #[arg(long, value_name = "kvm|tcg")]
+    pub accel: Option<String>,
+}

@@ -1,0 +1,396 @@
+//! One function per subcommand. Input is checked completely before anything is created.
+
+use std::io::{IsTerminal, Read, Seek, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use pen_core::accel::Accel;
+use pen_core::client::{self, StartOptions};
+use pen_core::paths::{PenHome, VmPaths};
+use pen_core::vm::{self, CreationFlags, Status, VmConfig};
+use pen_core::{envspec, image, names, size, usage, UsageError};
+
+use crate::cli::{Command, CreateArgs, ImageCommand};
+
+/// Overlay disks holding more than this need `--force` (or a yes) to delete.
+const DELETE_WARN_BYTES: u64 = 100 << 20;
+
+pub fn run(command: Command) -> anyhow::Result<i32> {
+    let home = PenHome::from_env()?;
+    match command {
+        Command::Shell { name, create } => {
+            let vm = prepare(&home, name.as_deref(), &create)?;
+            let env = start(&home, &vm, &create, false)?;
+            client::shell(&home, &vm.name, env)
+        }
+        Command::Exec {
+            name,
+            create,
+            tty,
+            command,
+        } => {
+            let vm = prepare(&home, Some(&name), &create)?;
+            let env = start(&home, &vm, &create, false)?;
+            client::exec(&home, &vm.name, command, env, tty)
+        }
+        Command::Start { name, create } => {
+            let vm = prepare(&home, Some(&name), &create)?;
+            start(&home, &vm, &create, true)?;
+            eprintln!(
+                "pen: VM {} is running; `pen stop {}` stops it",
+                vm.name, vm.name
+            );
+            Ok(0)
+        }
+        Command::Stop { name, force } => {
+            existing_vm(&home, &name)?;
+            client::stop(&home, &name, force)?;
+            Ok(0)
+        }
+        Command::List { json } => list(&home, json),
+        Command::Delete { name, force } => delete(&home, &name, force),
+        Command::Logs { name, follow } => logs(&home, &name, follow),
+        Command::Image {
+            command: ImageCommand::Build { base: _ },
+        } => {
+            let image = image::build_base(&home)?;
+            println!("base image {} ready", &image.manifest.image_id[..12]);
+            Ok(0)
+        }
+        Command::Image {
+            command: ImageCommand::List { json },
+        } => image_list(&home, json),
+        Command::Version => {
+            println!(
+                "pen {} (protocol {}, pen-init {})",
+                pen_core::VERSION,
+                pen_proto::PROTOCOL_VERSION,
+                &image::pen_init_sha256()[..12]
+            );
+            Ok(0)
+        }
+        Command::Doctor => Ok(if pen_core::doctor::run(&home) { 0 } else { 1 }),
+        Command::Completions { shell } => {
+            let mut cmd = <crate::cli::Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "pen", &mut std::io::stdout());
+            Ok(0)
+        }
+        Command::Supervise { name } => {
+            pen_core::supervisor::main(&home, &name)?;
+            Ok(0)
+        }
+    }
+}
+
+/// Validates the name and every flag, then loads or creates the VM's vm.json.
+fn prepare(home: &PenHome, name: Option<&str>, args: &CreateArgs) -> anyhow::Result<VmConfig> {
+    let dir = match &args.dir {
+        Some(dir) => Some(check_dir(dir)?),
+        None => None,
+    };
+    let name = match name {
+        Some(name) => name.to_string(),
+        None => {
+            let here = match &dir {
+                Some(dir) => dir.clone(),
+                None => std::env::current_dir().context("reading the current directory")?,
+            };
+            names::from_dir(&here)?
+        }
+    };
+    names::validate("VM", &name)?;
+    let flags = parse_flags(args, dir)?;
+    // Checked here too, so a bad --env never gets as far as creating the VM.
+    resolve_env(args)?;
+    parse_accel(args)?;
+
+    let paths = VmPaths::new(home, &name);
+    let existing = VmConfig::load(&paths)?;
+    let running = vm::status(&paths).0 == Status::Running;
+    let default_dir = check_dir(Path::new("."))?;
+    let (config, notices) =
+        vm::resolve_config(&name, existing.clone(), &flags, running, &default_dir);
+    for notice in notices {
+        eprintln!("pen: {notice}");
+    }
+    if existing.as_ref() != Some(&config) {
+        config.save(&paths)?;
+    }
+    Ok(config)
+}
+
+fn check_dir(dir: &Path) -> anyhow::Result<PathBuf> {
+    let meta = std::fs::metadata(dir).map_err(|e| {
+        UsageError::new(format!(
+            "--dir {}: {}; give an existing directory",
+            dir.display(),
+            io_reason(&e)
+        ))
+    })?;
+    if !meta.is_dir() {
+        return usage!(
+            "--dir {} is not a directory; give the project directory to share",
+            dir.display()
+        );
+    }
+    Ok(dir.canonicalize()?)
+}
+
+fn io_reason(e: &std::io::Error) -> String {
+    match e.kind() {
+        std::io::ErrorKind::NotFound => "no such directory".into(),
+        std::io::ErrorKind::PermissionDenied => "permission denied".into(),
+        _ => e.to_string(),
+    }
+}
+
+fn parse_flags(args: &CreateArgs, dir: Option<PathBuf>) -> anyhow::Result<CreationFlags> {
+    let cpus = match &args.cpus {
+        Some(text) => match text.parse::<u32>() {
+            Ok(n) if (1..=255).contains(&n) => Some(n),
+            _ => return usage!("invalid --cpus {text:?}: give a whole number from 1 to 255"),
+        },
+        None => None,
+    };
+    let memory_mb = match &args.memory {
+        Some(text) => match text.parse::<u32>() {
+            Ok(mb) if mb >= vm::MIN_MEMORY_MB => Some(mb),
+            Ok(mb) => {
+                return usage!(
+                    "--memory {mb} is too small: a VM needs at least {} MB",
+                    vm::MIN_MEMORY_MB
+                )
+            }
+            Err(_) => {
+                return usage!(
+                    "invalid --memory {text:?}: give megabytes as a whole number, e.g. 2048"
+                )
+            }
+        },
+        None => None,
+    };
+    let disk_size = match &args.disk_size {
+        Some(text) => Some(size::parse_size("--disk-size", text)?),
+        None => None,
+    };
+    if disk_size.is_some_and(|s| s < 64 << 20) {
+        return usage!(
+            "--disk-size {} is too small: an overlay disk needs at least 64M",
+            args.disk_size.as_deref().unwrap_or("")
+        );
+    }
+    Ok(CreationFlags {
+        dir,
+        cpus,
+        memory_mb,
+        disk_size,
+        profile: None,
+    })
+}
+
+fn resolve_env(args: &CreateArgs) -> Result<Vec<(String, String)>, UsageError> {
+    envspec::resolve(&args.env, &args.env_from_host, |k| std::env::var(k).ok())
+}
+
+fn parse_accel(args: &CreateArgs) -> anyhow::Result<Option<Accel>> {
+    match &args.accel {
+        Some(text) => match text.parse::<Accel>() {
+            Ok(accel) => Ok(Some(accel)),
+            Err(_) => usage!("invalid --accel {text:?}: use kvm or tcg"),
+        },
+        None => Ok(None),
+    }
+}
+
+/// Starts the VM if it is not running; returns the env for sessions attached by this command.
+fn start(
+    home: &PenHome,
+    vm: &VmConfig,
+    args: &CreateArgs,
+    keep_running: bool,
+) -> anyhow::Result<Vec<(String, String)>> {
+    let env = resolve_env(args)?;
+    let base = image::ensure_base(home)?;
+    client::ensure_running(
+        home,
+        vm,
+        StartOptions {
+            accel: parse_accel(args)?,
+            env: env.clone(),
+            keep_running,
+            kernel: base.kernel,
+            initrd: base.initrd,
+            rootfs: base.rootfs,
+            setup_script: None,
+            quiet: false,
+        },
+    )?;
+    Ok(env)
+}
+
+fn existing_vm(home: &PenHome, name: &str) -> anyhow::Result<VmConfig> {
+    names::validate("VM", name)?;
+    match VmConfig::load(&VmPaths::new(home, name))? {
+        Some(vm) => Ok(vm),
+        None => {
+            let known = vm::list_names(home)?;
+            let hint = if known.is_empty() {
+                "there are no VMs yet; `pen shell NAME` creates one".to_string()
+            } else {
+                format!("existing VMs: {}", known.join(", "))
+            };
+            usage!("no VM named {name:?}; {hint}")
+        }
+    }
+}
+
+fn list(home: &PenHome, json: bool) -> anyhow::Result<i32> {
+    let mut rows = Vec::new();
+    for name in vm::list_names(home)? {
+        let paths = VmPaths::new(home, &name);
+        let Some(vm) = VmConfig::load(&paths).ok().flatten() else {
+            continue;
+        };
+        let (status, pid) = vm::status(&paths);
+        rows.push((vm, status, pid));
+    }
+    if json {
+        let items: Vec<_> = rows
+            .iter()
+            .map(|(vm, status, pid)| {
+                serde_json::json!({
+                    "name": vm.name, "profile": vm.profile, "status": status, "pid": pid,
+                    "cpus": vm.cpus, "memory_mb": vm.memory_mb, "disk_size": vm.disk_size,
+                    "dir": vm.dir, "created_at": vm.created_at,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&items)?);
+        return Ok(0);
+    }
+    println!(
+        "{:<20} {:<12} {:<8} {:>4} {:>7}  DIR",
+        "NAME", "PROFILE", "STATUS", "CPUS", "MEMORY"
+    );
+    for (vm, status, _) in rows {
+        println!(
+            "{:<20} {:<12} {:<8} {:>4} {:>7}  {}",
+            vm.name,
+            vm.profile.as_deref().unwrap_or("-"),
+            status,
+            vm.cpus,
+            format!("{}M", vm.memory_mb),
+            vm.dir.display()
+        );
+    }
+    Ok(0)
+}
+
+fn delete(home: &PenHome, name: &str, force: bool) -> anyhow::Result<i32> {
+    existing_vm(home, name)?;
+    let paths = VmPaths::new(home, name);
+    if vm::status(&paths).0 == Status::Running {
+        if !force {
+            return usage!("VM {name} is running; stop it first (`pen stop {name}`) or use `pen delete {name} --force`");
+        }
+        client::stop(home, name, true)?;
+    }
+    let used = pen_core::fsutil::disk_usage(&paths.overlay());
+    if used > DELETE_WARN_BYTES && !force {
+        let question = format!(
+            "pen: VM {name}'s overlay disk holds {} of data; delete it? [y/N] ",
+            size::human(used)
+        );
+        if !confirm(&question)? {
+            return usage!(
+                "not deleted: VM {name}'s overlay disk holds {} of data; use `pen delete {name} --force` to delete it anyway",
+                size::human(used)
+            );
+        }
+    }
+    // Take the lock so a start racing with us cannot boot a half-deleted VM.
+    let lock = vm::VmLock::try_acquire(&paths)?;
+    if lock.is_none() {
+        anyhow::bail!("VM {name} was started while deleting; stop it and try again");
+    }
+    std::fs::remove_dir_all(&paths.dir)
+        .with_context(|| format!("deleting {}", paths.dir.display()))?;
+    let _ = std::fs::remove_dir_all(&paths.runtime);
+    eprintln!("pen: deleted VM {name}");
+    Ok(0)
+}
+
+fn confirm(question: &str) -> anyhow::Result<bool> {
+    if !std::io::stdin().is_terminal() {
+        return Ok(false);
+    }
+    eprint!("{question}");
+    let mut answer = String::new();
+    std::io::stdin().read_line(&mut answer)?;
+    Ok(matches!(answer.trim(), "y" | "Y" | "yes"))
+}
+
+fn logs(home: &PenHome, name: &str, follow: bool) -> anyhow::Result<i32> {
+    existing_vm(home, name)?;
+    let path = VmPaths::new(home, name).console_log();
+    let mut out = std::io::stdout().lock();
+    let mut file = match std::fs::File::open(&path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !follow => {
+            eprintln!("pen: VM {name} has not booted yet; no console log");
+            return Ok(0);
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => loop {
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            if let Ok(file) = std::fs::File::open(&path) {
+                break file;
+            }
+        },
+        Err(e) => return Err(e).with_context(|| format!("opening {}", path.display())),
+    };
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = file.read(&mut buf)?;
+        if n > 0 {
+            out.write_all(&buf[..n])?;
+            continue;
+        }
+        if !follow {
+            return Ok(0);
+        }
+        out.flush()?;
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        // QEMU truncates the log when the VM boots again: start over.
+        let len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        if len < file.stream_position()? {
+            file = std::fs::File::open(&path)?;
+        }
+    }
+}
+
+fn image_list(home: &PenHome, json: bool) -> anyhow::Result<i32> {
+    let rows = image::list(home);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(0);
+    }
+    println!(
+        "{:<12} {:<40} {:>8} {:>6}  STATUS",
+        "IMAGE", "KIND", "SIZE", "AGE"
+    );
+    for row in rows {
+        println!(
+            "{:<12} {:<40} {:>8} {:>6}  {}",
+            row.name,
+            row.kind,
+            if row.size > 0 {
+                size::human(row.size)
+            } else {
+                "-".into()
+            },
+            row.created_at.map(vm::age).unwrap_or_else(|| "-".into()),
+            row.status
+        );
+    }
+    Ok(0)
+}
