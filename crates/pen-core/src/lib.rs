@@ -12,11 +12,14 @@
 pub mod accel;
 pub mod client;
 pub mod doctor;
+pub mod envspec;
 pub mod error;
 pub mod fsutil;
 pub mod image;
 pub mod names;
 pub mod paths;
+pub mod profile;
+pub mod progress;
 pub mod qemu;
 pub mod size;
 pub mod supervisor;

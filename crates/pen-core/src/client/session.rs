@@ -1,0 +1,139 @@
+//! One session relayed between the host's stdio and a process in the guest.
+
+use std::io::{Read, Write};
+
+use futures::{SinkExt, StreamExt};
+use pen_proto::{ExecRequest, Frame, Message, CLIENT_SESSION};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::mpsc;
+
+use super::terminal::{self, RawMode};
+use super::Conn;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Kind {
+    /// `pen shell`: SIGTERM/SIGHUP to pen end the session (an interactive shell ignores
+    /// SIGTERM, so forwarding alone would leave pen hanging).
+    Shell,
+    /// `pen exec`: signals are forwarded and pen waits for the process's exit status.
+    Exec,
+}
+
+/// Runs `request` and relays until the process exits; returns its shell-style status.
+pub(super) async fn run(
+    mut conn: Conn,
+    name: &str,
+    request: ExecRequest,
+    kind: Kind,
+) -> anyhow::Result<i32> {
+    let tty = request.tty.is_some();
+    // Declared before anything that can fail, so every return restores the terminal.
+    let _raw = if tty { RawMode::enter()? } else { None };
+
+    conn.framed
+        .send(Frame::new(CLIENT_SESSION, Message::Exec(request)))
+        .await?;
+
+    let (mut stdin_rx, _reader) = spawn_stdin_reader();
+    let mut stdin_open = true;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sighup = signal(SignalKind::hangup())?;
+    let mut sigquit = signal(SignalKind::quit())?;
+    let mut sigwinch = signal(SignalKind::window_change())?;
+
+    let mut stdout = std::io::stdout().lock();
+    let mut stderr = std::io::stderr();
+    loop {
+        let outgoing = tokio::select! {
+            frame = conn.framed.next() => {
+                let frame = match frame {
+                    Some(Ok(Ok(frame))) => frame,
+                    Some(Ok(Err(bad))) => anyhow::bail!("malformed frame from VM {name}'s supervisor: {bad}"),
+                    Some(Err(e)) => anyhow::bail!("lost the connection to VM {name}: {e}"),
+                    None => anyhow::bail!("lost the connection to VM {name}"),
+                };
+                if frame.session != CLIENT_SESSION {
+                    // VM-wide notices (Shutdown, Log): the session's own end follows.
+                    continue;
+                }
+                match frame.message {
+                    Message::Stdout(bytes) => {
+                        stdout.write_all(&bytes)?;
+                        stdout.flush()?;
+                    }
+                    Message::Stderr(bytes) => {
+                        stdout.flush()?;
+                        stderr.write_all(&bytes)?;
+                    }
+                    Message::Exit(status) => {
+                        stdout.flush()?;
+                        return Ok(status.code());
+                    }
+                    Message::Error(e) => anyhow::bail!(e),
+                    _ => {}
+                }
+                None
+            }
+            data = stdin_rx.recv(), if stdin_open => {
+                let data = data.unwrap_or_default();
+                stdin_open = !data.is_empty();
+                Some(Message::Stdin(data))
+            }
+            _ = sigwinch.recv(), if tty => Some(Message::Resize(terminal::window_size())),
+            _ = sigint.recv() => Some(Message::Signal(libc::SIGINT)),
+            _ = sigquit.recv() => Some(Message::Signal(libc::SIGQUIT)),
+            _ = sigterm.recv() => {
+                if kind == Kind::Shell {
+                    hang_up(&mut conn).await;
+                    return Ok(128 + libc::SIGTERM);
+                }
+                Some(Message::Signal(libc::SIGTERM))
+            }
+            _ = sighup.recv() => {
+                if kind == Kind::Shell {
+                    hang_up(&mut conn).await;
+                    return Ok(128 + libc::SIGHUP);
+                }
+                Some(Message::Signal(libc::SIGHUP))
+            }
+        };
+        if let Some(message) = outgoing {
+            conn.framed
+                .send(Frame::new(CLIENT_SESSION, message))
+                .await?;
+        }
+    }
+}
+
+async fn hang_up(conn: &mut Conn) {
+    let _ = conn
+        .framed
+        .send(Frame::new(CLIENT_SESSION, Message::Signal(libc::SIGHUP)))
+        .await;
+}
+
+/// Reads stdin on a thread of its own: blocking reads need no O_NONBLOCK on a descriptor
+/// the user's shell shares with us. An empty chunk means end of input.
+fn spawn_stdin_reader() -> (mpsc::Receiver<Vec<u8>>, std::thread::JoinHandle<()>) {
+    let (tx, rx) = mpsc::channel(8);
+    let handle = std::thread::spawn(move || {
+        let mut stdin = std::io::stdin().lock();
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match stdin.read(&mut buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Ok(0) | Err(_) => {
+                    let _ = tx.blocking_send(Vec::new());
+                    return;
+                }
+                Ok(n) => {
+                    if tx.blocking_send(buf[..n].to_vec()).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    (rx, handle)
+}

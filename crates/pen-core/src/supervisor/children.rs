@@ -1,0 +1,136 @@
+//! Starting QEMU and virtiofsd as children that die with the supervisor, with their stderr
+//! copied to the supervisor log and its last lines kept for error messages.
+
+use std::collections::VecDeque;
+use std::ffi::OsString;
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+const TAIL_LINES: usize = 20;
+
+/// The last lines a child wrote to stderr.
+#[derive(Clone, Default)]
+pub struct Tail(Arc<Mutex<VecDeque<String>>>);
+
+impl Tail {
+    fn push(&self, line: String) {
+        let mut lines = self.0.lock().unwrap();
+        if lines.len() == TAIL_LINES {
+            lines.pop_front();
+        }
+        lines.push_back(line);
+    }
+
+    pub fn text(&self) -> String {
+        let lines = self.0.lock().unwrap();
+        lines.iter().cloned().collect::<Vec<_>>().join("\n")
+    }
+}
+
+pub struct Spawned {
+    pub child: Child,
+    pub stderr: Tail,
+}
+
+/// Spawns `program args` so that it is SIGKILLed when the supervisor dies. Must run on the
+/// main thread (see the module doc of `supervisor`).
+pub fn spawn(label: &'static str, program: &Path, args: &[OsString]) -> anyhow::Result<Spawned> {
+    let mut cmd = Command::new(program);
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let parent = std::process::id();
+    // SAFETY: only async-signal-safe calls (prctl, getppid, _exit) between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The supervisor may have died before prctl took effect.
+            if libc::getppid() as u32 != parent {
+                libc::_exit(1);
+            }
+            Ok(())
+        });
+    }
+    eprintln!(
+        "supervisor: starting {label}: {} {}",
+        program.display(),
+        args.iter()
+            .map(|a| a.to_string_lossy())
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("starting {} ({label})", program.display()))?;
+    let tail = Tail::default();
+    if let Some(stderr) = child.stderr.take() {
+        let tail = tail.clone();
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                eprintln!("{label}: {line}");
+                tail.push(line);
+            }
+        });
+    }
+    Ok(Spawned {
+        child,
+        stderr: tail,
+    })
+}
+
+/// Waits for `path` to appear (a socket a child creates), failing early if the child exits.
+pub async fn wait_for_path(
+    path: &Path,
+    child: &mut Spawned,
+    label: &str,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let start = Instant::now();
+    loop {
+        if path.exists() {
+            return Ok(());
+        }
+        if let Some(status) = child.child.try_wait()? {
+            // Let the stderr pump catch up so the message has the child's last words.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            anyhow::bail!("{label} exited ({status}): {}", child.stderr.text());
+        }
+        if start.elapsed() > timeout {
+            anyhow::bail!(
+                "{label} did not create {} within {}s: {}",
+                path.display(),
+                timeout.as_secs(),
+                child.stderr.text()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// SIGTERM, then SIGKILL after `grace`; reaps the child.
+pub async fn terminate(child: &mut Child, grace: Duration) {
+    if let Ok(Some(_)) = child.try_wait() {
+        return;
+    }
+    if let Some(pid) = child.id() {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+    }
+    if tokio::time::timeout(grace, child.wait()).await.is_err() {
+        let _ = child.start_kill();
+        let _ = child.wait().await;
+    }
+}

@@ -1,0 +1,206 @@
+//! The supervisor: one process per running VM that owns QEMU, virtiofsd, the VM lock and
+//! the agent link, and serves `pen shell` / `pen exec` / `pen stop` on a unix socket.
+//!
+//! It is started by [`crate::client::ensure_running`] as `pen __supervise NAME`. Start
+//! parameters ([`Params`], which hold env values) arrive as one JSON document on its stdin
+//! pipe, never in argv or a file; boot progress goes back as JSON lines ([`Report`]) on its
+//! stdout pipe until the VM is ready or has failed. After that its stdio is
+//! `vms/<name>/supervisor.log`.
+//!
+//! Children get `PR_SET_PDEATHSIG=SIGKILL`, so killing the supervisor, even with SIGKILL,
+//! takes QEMU and virtiofsd with it. The death signal fires when the *thread* that forked
+//! the child exits, which is why everything runs on a current-thread runtime on the main
+//! thread.
+
+mod children;
+mod overlay;
+mod router;
+mod serve;
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::PathBuf;
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+
+use crate::accel::Accel;
+use crate::paths::{PenHome, VmPaths};
+use crate::vm::{VmConfig, VmLock};
+
+pub use overlay::{check_overlay, overlay_marker, prepare_overlay};
+pub use serve::{remove_sockets as remove_stale_sockets, tail_lines};
+
+/// What the spawner tells a new supervisor. Travels only over the stdin pipe: `env` holds
+/// values the user wants kept off every disk and out of every argv.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Params {
+    pub accel: Accel,
+    pub env: Vec<(String, String)>,
+    /// Keep the VM running when no session is left (`pen start`).
+    pub keep_running: bool,
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub rootfs: PathBuf,
+    pub setup_script: Option<String>,
+}
+
+/// One line of boot progress from the supervisor to its spawner (stdout pipe).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Report {
+    /// This supervisor holds the VM's lock and is booting it.
+    Started,
+    /// A line for the user (first-boot setup output, notices).
+    Log(String),
+    /// The VM is ready; its socket serves sessions.
+    Ready,
+    /// Another supervisor holds the VM's lock: attach to that one.
+    Busy,
+    /// The VM could not be started. The message is complete and user-facing.
+    Error(String),
+}
+
+impl Report {
+    pub fn to_line(&self) -> String {
+        let mut s = serde_json::to_string(self).expect("reports serialize");
+        s.push('\n');
+        s
+    }
+}
+
+/// The spawner's end of the progress pipe. Writes are best effort: a spawner that went
+/// away (Ctrl-C during boot) must not stop the VM from booting.
+struct Reporter {
+    pipe: Option<File>,
+}
+
+impl Reporter {
+    fn send(&mut self, report: &Report) {
+        if let Some(pipe) = &mut self.pipe {
+            if pipe.write_all(report.to_line().as_bytes()).is_err() {
+                self.pipe = None;
+            }
+        }
+    }
+
+    fn close(&mut self) {
+        self.pipe = None;
+    }
+}
+
+/// Entry point of `pen __supervise NAME`. Returns when the VM has stopped.
+pub fn main(home: &PenHome, name: &str) -> anyhow::Result<()> {
+    let mut input = Vec::new();
+    std::io::stdin()
+        .read_to_end(&mut input)
+        .context("reading start parameters")?;
+    let params: Params =
+        serde_json::from_slice(&input).context("start parameters on stdin are not valid")?;
+    drop(input);
+
+    // Our own copy of the pipe to the spawner, close-on-exec so QEMU and virtiofsd never
+    // hold it open (the spawner would otherwise wait for an EOF that never comes).
+    let report_fd = nix::fcntl::fcntl(
+        std::io::stdout().as_raw_fd(),
+        nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(3),
+    )
+    .context("duplicating stdout")?;
+    // SAFETY: fcntl just returned this descriptor and nothing else owns it.
+    let mut reporter = Reporter {
+        pipe: Some(File::from(unsafe { OwnedFd::from_raw_fd(report_fd) })),
+    };
+
+    // Out of the terminal's session: Ctrl-C in the user's shell must not reach the VM.
+    let _ = nix::unistd::setsid();
+
+    let paths = VmPaths::new(home, name);
+    let vm = match VmConfig::load(&paths)? {
+        Some(vm) => vm,
+        None => {
+            let msg = format!("VM {name} does not exist (no {})", paths.config().display());
+            reporter.send(&Report::Error(msg.clone()));
+            anyhow::bail!(msg);
+        }
+    };
+
+    let Some(lock) = VmLock::try_acquire(&paths)? else {
+        reporter.send(&Report::Busy);
+        return Ok(());
+    };
+
+    reporter.send(&Report::Started);
+    redirect_stdio(&paths.supervisor_log())?;
+    eprintln!(
+        "pen supervisor {} for VM {name}: pid {}, accel {}",
+        crate::VERSION,
+        std::process::id(),
+        params.accel
+    );
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the supervisor runtime")?;
+    let result = rt.block_on(serve::run(paths.clone(), vm, params, &mut reporter));
+    if let Err(e) = &result {
+        reporter.send(&Report::Error(format!("{e:#}")));
+        eprintln!("supervisor: {e:#}");
+    }
+    // Background tasks (client writers, stderr pumps) may still hold sockets; dropping the
+    // runtime cancels them before the lock goes, so a new supervisor finds a clean slate.
+    drop(rt);
+    remove_stale_sockets(&paths);
+    drop(lock);
+    eprintln!("supervisor: exit");
+    result
+}
+
+/// stdin from /dev/null, stdout and stderr to the supervisor log (truncated: one start per
+/// log, the previous start's is gone).
+fn redirect_stdio(log: &std::path::Path) -> anyhow::Result<()> {
+    let log = File::create(log).with_context(|| format!("creating {}", log.display()))?;
+    let null = File::open("/dev/null").context("opening /dev/null")?;
+    nix::unistd::dup2(null.as_raw_fd(), 0).context("redirecting stdin")?;
+    nix::unistd::dup2(log.as_raw_fd(), 1).context("redirecting stdout")?;
+    nix::unistd::dup2(log.as_raw_fd(), 2).context("redirecting stderr")?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn params_roundtrip_as_json() {
+        let p = Params {
+            accel: Accel::Tcg,
+            env: vec![("TOKEN".into(), "s3cret value, with \"quotes\"".into())],
+            keep_running: true,
+            kernel: "/h/images/vmlinuz".into(),
+            initrd: "/h/images/initrd".into(),
+            rootfs: "/h/images/rootfs.sqfs".into(),
+            setup_script: Some("echo hi\n".into()),
+        };
+        let json = serde_json::to_vec(&p).unwrap();
+        assert!(String::from_utf8_lossy(&json).contains("\"accel\":\"tcg\""));
+        assert_eq!(serde_json::from_slice::<Params>(&json).unwrap(), p);
+    }
+
+    #[test]
+    fn reports_are_single_json_lines() {
+        for r in [
+            Report::Started,
+            Report::Log("setup: line\nwith newline".into()),
+            Report::Ready,
+            Report::Busy,
+            Report::Error("boom".into()),
+        ] {
+            let line = r.to_line();
+            assert_eq!(line.matches('\n').count(), 1, "{line}");
+            assert_eq!(serde_json::from_str::<Report>(line.trim()).unwrap(), r);
+        }
+        assert_eq!(Report::Ready.to_line(), "\"ready\"\n");
+    }
+}

@@ -1,0 +1,852 @@
+//! The supervisor's life: start virtiofsd and QEMU, do the guest handshake, serve clients,
+//! shut down. One event loop owns all state; the tasks around it only move frames.
+
+use std::collections::HashMap;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::Path;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use futures::{SinkExt, StreamExt};
+use pen_proto::{
+    BootMode, Frame, FrameCodec, GuestConfig, Message, CLIENT_SESSION, CONTROL, PROTOCOL_VERSION,
+    WORKSPACE_TAG,
+};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::process::Child;
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+use tokio::task::JoinHandle;
+use tokio::time::sleep_until;
+use tokio_util::codec::{FramedRead, FramedWrite};
+
+use super::children::{self, Spawned};
+use super::overlay::prepare_overlay;
+use super::router::{ClientId, Router};
+use super::{Params, Report, Reporter};
+use crate::accel::Accel;
+use crate::paths::VmPaths;
+use crate::qemu::{self, QemuSpec};
+use crate::virtiofsd;
+use crate::vm::VmConfig;
+
+/// A VM started by `pen shell`/`pen exec` whose client never shows up (it was killed
+/// during boot) stops after this long.
+const FIRST_CLIENT_GRACE: Duration = Duration::from_secs(15);
+/// Time a hung-up session's process gets between SIGHUP and SIGKILL.
+const HANGUP_GRACE: Duration = Duration::from_secs(2);
+/// How long the guest may take to power off after `Shutdown`.
+const POWEROFF_GRACE: Duration = Duration::from_secs(10);
+const FORCED_POWEROFF_GRACE: Duration = Duration::from_secs(3);
+const CONSOLE_TAIL_LINES: usize = 20;
+
+pub(super) enum Event {
+    Guest(Frame),
+    GuestBad(String),
+    GuestClosed,
+    ClientConnected(ClientId, UnboundedSender<Frame>, JoinHandle<()>),
+    ClientFrame(ClientId, Frame),
+    ClientBad(ClientId, String),
+    ClientGone(ClientId),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Booting,
+    Ready,
+    Stopping,
+}
+
+/// Why the event loop ended.
+enum End {
+    Shutdown { force: bool },
+    QemuExited(std::process::ExitStatus),
+    BootFailed(String),
+}
+
+struct Client {
+    tx: UnboundedSender<Frame>,
+    writer: JoinHandle<()>,
+    hello: bool,
+    /// Said Hello and waits for `Ready` (gets boot `Log` lines meanwhile).
+    waiting: bool,
+}
+
+struct Sup<'r> {
+    name: String,
+    paths: VmPaths,
+    params: Params,
+    reporter: &'r mut Reporter,
+    agent_tx: UnboundedSender<Frame>,
+    clients: HashMap<ClientId, Client>,
+    router: Router,
+    phase: Phase,
+    config_sent: bool,
+    keep_running: bool,
+    /// A client connected after the VM became ready: from then on, no clients = stop.
+    had_client: bool,
+    idle_since: Instant,
+    accept_task: Option<JoinHandle<()>>,
+    boot_timeout: Duration,
+}
+
+pub(super) async fn run(
+    paths: VmPaths,
+    vm: VmConfig,
+    params: Params,
+    reporter: &mut Reporter,
+) -> anyhow::Result<()> {
+    let name = vm.name.clone();
+    prepare_overlay(&paths, &name, vm.disk_size)?;
+    if !vm.dir.is_dir() {
+        anyhow::bail!(
+            "the VM's shared directory {} does not exist or is not a directory",
+            vm.dir.display()
+        );
+    }
+    for (what, path) in [
+        ("kernel", &params.kernel),
+        ("initrd", &params.initrd),
+        ("root image", &params.rootfs),
+    ] {
+        if !path.is_file() {
+            anyhow::bail!("the {what} {} is missing", path.display());
+        }
+    }
+
+    // We hold the lock, so any socket here belongs to a supervisor that died.
+    remove_sockets(&paths);
+    std::fs::create_dir_all(&paths.runtime)
+        .with_context(|| format!("creating {}", paths.runtime.display()))?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&paths.runtime, std::fs::Permissions::from_mode(0o700))?;
+    }
+
+    let (events_tx, mut events) = unbounded_channel();
+    // Bound before boot so that a second `pen` racing to start this VM can attach and wait
+    // for Ready here instead of polling.
+    let listener = UnixListener::bind(paths.supervisor_socket())
+        .with_context(|| format!("binding {}", paths.supervisor_socket().display()))?;
+    let accept_task = tokio::spawn(accept_loop(listener, events_tx.clone()));
+
+    let vfsd = virtiofsd::find()?;
+    let unprivileged = !nix::unistd::geteuid().is_root();
+    let mut virtiofsd = children::spawn(
+        "virtiofsd",
+        &vfsd.path,
+        &vfsd.args(&paths.virtiofs_socket(), &vm.dir, unprivileged),
+    )?;
+    children::wait_for_path(
+        &paths.virtiofs_socket(),
+        &mut virtiofsd,
+        "virtiofsd",
+        Duration::from_secs(10),
+    )
+    .await?;
+
+    let spec = QemuSpec {
+        accel: params.accel,
+        cpus: vm.cpus,
+        memory_mb: vm.memory_mb,
+        kernel: params.kernel.clone(),
+        initrd: params.initrd.clone(),
+        rootfs: params.rootfs.clone(),
+        overlay: paths.overlay(),
+        console_log: paths.console_log(),
+        qmp_socket: paths.qmp_socket(),
+        agent_socket: paths.agent_socket(),
+        virtiofs_socket: Some(paths.virtiofs_socket()),
+    };
+    let boot_started = Instant::now();
+    let mut qemu = children::spawn("qemu", &qemu::binary()?, &qemu::args(&spec))?;
+    let agent = match connect_agent(&paths.agent_socket(), &mut qemu).await {
+        Ok(agent) => agent,
+        Err(e) => {
+            let msg = boot_failure(&name, &paths, &format!("{e:#}"), None);
+            return Err(anyhow::anyhow!(msg));
+        }
+    };
+    eprintln!("supervisor: agent link up");
+
+    let (agent_tx, agent_rx) = unbounded_channel();
+    let (agent_r, agent_w) = agent.into_split();
+    tokio::spawn(write_frames(agent_w, agent_rx));
+    tokio::spawn(read_guest(agent_r, events_tx.clone()));
+    drop(events_tx);
+
+    let mut sup = Sup {
+        name: name.clone(),
+        paths: paths.clone(),
+        params,
+        reporter,
+        agent_tx,
+        clients: HashMap::new(),
+        router: Router::default(),
+        phase: Phase::Booting,
+        config_sent: false,
+        keep_running: false,
+        had_client: false,
+        idle_since: Instant::now(),
+        accept_task: Some(accept_task),
+        boot_timeout: Duration::ZERO,
+    };
+    sup.keep_running = sup.params.keep_running;
+    sup.send_guest(Frame::control(Message::Hello {
+        version: PROTOCOL_VERSION,
+        software: format!("pen {}", crate::VERSION),
+    }));
+
+    let boot_timeout = match sup.params.accel {
+        Accel::Kvm => Duration::from_secs(60),
+        Accel::Tcg => Duration::from_secs(180),
+    };
+    sup.boot_timeout = boot_timeout;
+    let end = sup
+        .event_loop(&mut qemu.child, &mut events, boot_started + boot_timeout)
+        .await;
+
+    let result = match end {
+        End::Shutdown { force } => {
+            eprintln!("supervisor: stopping (force: {force})");
+            sup.stop(&mut qemu, &mut events, force).await;
+            if sup.phase == Phase::Booting {
+                // `pen stop` during boot, or SIGTERM: not a failure of the VM itself.
+                sup.fail_waiters(&format!("VM {name} was stopped while booting"));
+            }
+            Ok(())
+        }
+        End::QemuExited(status) => {
+            eprintln!("supervisor: QEMU exited ({status})");
+            if sup.phase == Phase::Booting {
+                let msg = boot_failure(
+                    &name,
+                    &paths,
+                    &format!("QEMU exited ({status})"),
+                    Some(&qemu.stderr.text()),
+                );
+                sup.fail_waiters(&msg);
+                Err(anyhow::anyhow!(msg))
+            } else {
+                let msg = format!("VM {name} stopped unexpectedly (QEMU exited: {status})");
+                for client in sup.router.drain() {
+                    sup.send_client(
+                        client,
+                        Frame::new(CLIENT_SESSION, Message::Error(msg.clone())),
+                    );
+                }
+                Ok(())
+            }
+        }
+        End::BootFailed(reason) => {
+            let msg = boot_failure(&name, &paths, &reason, None);
+            sup.fail_waiters(&msg);
+            // The guest powers itself off after BootFailed; give it a moment, then force.
+            sup.stop(&mut qemu, &mut events, true).await;
+            Err(anyhow::anyhow!(msg))
+        }
+    };
+
+    sup.disconnect_all().await;
+    children::terminate(&mut virtiofsd.child, Duration::from_secs(1)).await;
+    result
+}
+
+impl Sup<'_> {
+    async fn event_loop(
+        &mut self,
+        qemu: &mut Child,
+        events: &mut UnboundedReceiver<Event>,
+        boot_deadline: Instant,
+    ) -> End {
+        let mut sigterm = signal(tokio::signal::unix::SignalKind::terminate());
+        let mut sigint = signal(tokio::signal::unix::SignalKind::interrupt());
+        // A supervisor has no terminal; a stray SIGHUP must not kill the VM.
+        let _sighup = signal(tokio::signal::unix::SignalKind::hangup());
+        loop {
+            let idle = self.idle_deadline();
+            let booting = self.phase == Phase::Booting && !self.config_sent;
+            tokio::select! {
+                status = qemu.wait() => {
+                    return match status {
+                        Ok(status) => End::QemuExited(status),
+                        Err(e) => End::BootFailed(format!("waiting for QEMU: {e}")),
+                    };
+                }
+                event = events.recv() => {
+                    let Some(event) = event else {
+                        return End::BootFailed("internal error: event channel closed".into());
+                    };
+                    if let Some(end) = self.handle(event) {
+                        return end;
+                    }
+                }
+                _ = sigterm.recv() => return End::Shutdown { force: false },
+                _ = sigint.recv() => return End::Shutdown { force: false },
+                _ = sleep_until(idle.unwrap_or(boot_deadline).into()), if idle.is_some() => {
+                    eprintln!("supervisor: no sessions left; stopping");
+                    return End::Shutdown { force: false };
+                }
+                _ = sleep_until(boot_deadline.into()), if booting => {
+                    return End::BootFailed(format!(
+                        "the guest agent did not come up within {}s",
+                        self.boot_timeout.as_secs()
+                    ));
+                }
+            }
+        }
+    }
+
+    fn idle_deadline(&self) -> Option<Instant> {
+        if self.phase != Phase::Ready || self.keep_running || !self.clients.is_empty() {
+            return None;
+        }
+        Some(if self.had_client {
+            self.idle_since
+        } else {
+            self.idle_since + FIRST_CLIENT_GRACE
+        })
+    }
+
+    fn handle(&mut self, event: Event) -> Option<End> {
+        match event {
+            Event::Guest(frame) => return self.on_guest(frame),
+            Event::GuestBad(reason) => {
+                eprintln!("supervisor: malformed frame from guest: {reason}")
+            }
+            Event::GuestClosed => eprintln!("supervisor: agent link closed"),
+            Event::ClientConnected(id, tx, writer) => {
+                if self.phase == Phase::Ready {
+                    self.had_client = true;
+                }
+                self.clients.insert(
+                    id,
+                    Client {
+                        tx,
+                        writer,
+                        hello: false,
+                        waiting: false,
+                    },
+                );
+            }
+            Event::ClientFrame(id, frame) => return self.on_client(id, frame),
+            Event::ClientBad(id, reason) => {
+                self.send_client(
+                    id,
+                    Frame::new(
+                        CLIENT_SESSION,
+                        Message::Error(format!("malformed frame: {reason}")),
+                    ),
+                );
+                self.drop_client(id);
+            }
+            Event::ClientGone(id) => self.drop_client(id),
+        }
+        None
+    }
+
+    fn on_guest(&mut self, frame: Frame) -> Option<End> {
+        if frame.session != CONTROL {
+            if let Some((client, frame)) = self.router.route_from_guest(frame) {
+                self.send_client(client, frame);
+            }
+            return None;
+        }
+        match frame.message {
+            Message::Hello { version, software } => {
+                eprintln!("supervisor: guest agent {software}, protocol {version}");
+                if version != PROTOCOL_VERSION {
+                    return Some(End::BootFailed(format!(
+                        "the guest agent ({software}) speaks protocol {version}, this pen speaks {PROTOCOL_VERSION}; rebuild the image with `pen image build --base`"
+                    )));
+                }
+            }
+            Message::AwaitingConfig => {
+                // The agent repeats its greeting until configured; configure it once.
+                if self.config_sent {
+                    return None;
+                }
+                eprintln!("supervisor: sending configuration");
+                let config = self.guest_config();
+                self.send_guest(Frame::control(Message::Config(config)));
+                self.config_sent = true;
+            }
+            Message::Log { text } => {
+                // Not written to the supervisor log: setup output may echo env values.
+                self.reporter.send(&Report::Log(text.clone()));
+                let waiting: Vec<ClientId> = self
+                    .clients
+                    .iter()
+                    .filter(|(_, c)| c.waiting)
+                    .map(|(&id, _)| id)
+                    .collect();
+                for id in waiting {
+                    self.send_client(id, Frame::control(Message::Log { text: text.clone() }));
+                }
+            }
+            Message::Ready => {
+                eprintln!("supervisor: VM ready");
+                self.phase = Phase::Ready;
+                self.idle_since = Instant::now();
+                self.reporter.send(&Report::Ready);
+                self.reporter.close();
+                let waiting: Vec<ClientId> = self
+                    .clients
+                    .iter_mut()
+                    .filter(|(_, c)| c.waiting)
+                    .map(|(&id, c)| {
+                        c.waiting = false;
+                        id
+                    })
+                    .collect();
+                if !waiting.is_empty() {
+                    self.had_client = true;
+                }
+                for id in waiting {
+                    self.send_client(id, Frame::control(Message::Ready));
+                }
+            }
+            Message::BootFailed { stage, message } => {
+                return Some(End::BootFailed(format!("{stage}: {message}")));
+            }
+            Message::Error(e) => eprintln!("supervisor: guest error: {e}"),
+            other => eprintln!(
+                "supervisor: unexpected control message from guest: {}",
+                kind(&other)
+            ),
+        }
+        None
+    }
+
+    fn on_client(&mut self, id: ClientId, frame: Frame) -> Option<End> {
+        let client = self.clients.get_mut(&id)?;
+        if !client.hello && !matches!(frame.message, Message::Hello { .. }) {
+            self.refuse(id, "the first message must be Hello".into());
+            return None;
+        }
+        match (frame.session, frame.message) {
+            (CONTROL, Message::Hello { version, .. }) => {
+                if version != PROTOCOL_VERSION {
+                    self.refuse(
+                        id,
+                        format!("this VM's supervisor speaks protocol {PROTOCOL_VERSION}, the client {version}; stop the VM and retry"),
+                    );
+                    return None;
+                }
+                client.hello = true;
+                let phase = self.phase;
+                client.waiting = phase == Phase::Booting;
+                self.send_client(
+                    id,
+                    Frame::control(Message::Hello {
+                        version: PROTOCOL_VERSION,
+                        software: format!("pen {}", crate::VERSION),
+                    }),
+                );
+                match phase {
+                    Phase::Ready => self.send_client(id, Frame::control(Message::Ready)),
+                    Phase::Stopping => {
+                        self.send_client(id, Frame::control(Message::Shutdown { force: false }))
+                    }
+                    Phase::Booting => {}
+                }
+            }
+            (CONTROL, Message::Shutdown { force }) => {
+                if self.phase != Phase::Stopping {
+                    return Some(End::Shutdown { force });
+                }
+            }
+            (CONTROL, Message::KeepRunning) => {
+                eprintln!("supervisor: keeping the VM running");
+                self.keep_running = true;
+            }
+            (CLIENT_SESSION, Message::Exec(request)) => {
+                if self.phase != Phase::Ready {
+                    let why = match self.phase {
+                        Phase::Stopping => format!("VM {} is stopping", self.name),
+                        _ => format!("VM {} is not ready yet", self.name),
+                    };
+                    self.send_client(id, Frame::new(CLIENT_SESSION, Message::Error(why)));
+                    return None;
+                }
+                match self.router.open(id) {
+                    Some(guest_id) => {
+                        self.send_guest(Frame::new(guest_id, Message::Exec(request)));
+                    }
+                    None => self.send_client(
+                        id,
+                        Frame::new(
+                            CLIENT_SESSION,
+                            Message::Error("one session per connection".into()),
+                        ),
+                    ),
+                }
+            }
+            (
+                CLIENT_SESSION,
+                message @ (Message::Stdin(_) | Message::Resize(_) | Message::Signal(_)),
+            ) => {
+                if let Some(frame) = self.router.route_to_guest(id, message) {
+                    self.send_guest(frame);
+                }
+            }
+            (session, message) => {
+                self.refuse(
+                    id,
+                    format!("unexpected {} on session {session}", kind(&message)),
+                );
+            }
+        }
+        None
+    }
+
+    fn guest_config(&self) -> GuestConfig {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        let mut entropy = vec![0u8; 32];
+        let mut id = [0u8; 16];
+        // getrandom only fails on kernels older than 3.17 without /dev/urandom.
+        getrandom::fill(&mut entropy).expect("getrandom");
+        getrandom::fill(&mut id).expect("getrandom");
+        GuestConfig {
+            hostname: self.name.clone(),
+            env: self.params.env.clone(),
+            workspace_tag: Some(WORKSPACE_TAG.to_string()),
+            clock_secs: now.as_secs() as i64,
+            clock_nanos: now.subsec_nanos(),
+            mode: BootMode::Shell,
+            setup_script: self.params.setup_script.clone(),
+            entropy,
+            machine_id: hex::encode(id),
+        }
+    }
+
+    fn send_guest(&self, frame: Frame) {
+        let _ = self.agent_tx.send(frame);
+    }
+
+    fn send_client(&self, id: ClientId, frame: Frame) {
+        if let Some(c) = self.clients.get(&id) {
+            let _ = c.tx.send(frame);
+        }
+    }
+
+    /// Ends a client's connection with an error.
+    fn refuse(&mut self, id: ClientId, why: String) {
+        eprintln!("supervisor: refusing client {id}: {why}");
+        self.send_client(id, Frame::new(CLIENT_SESSION, Message::Error(why)));
+        self.drop_client(id);
+    }
+
+    /// Forgets a client; its session in the guest, if still running, is hung up.
+    fn drop_client(&mut self, id: ClientId) {
+        if self.clients.remove(&id).is_none() {
+            return;
+        }
+        if let Some(guest_id) = self.router.close_client(id) {
+            self.send_guest(Frame::new(guest_id, Message::Signal(libc::SIGHUP)));
+            let tx = self.agent_tx.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(HANGUP_GRACE).await;
+                let _ = tx.send(Frame::new(guest_id, Message::Signal(libc::SIGKILL)));
+            });
+        }
+        if self.clients.is_empty() {
+            self.idle_since = Instant::now();
+        }
+    }
+
+    /// Tells the spawner and every waiting client that the boot failed.
+    fn fail_waiters(&mut self, msg: &str) {
+        self.reporter.send(&Report::Error(msg.to_string()));
+        self.reporter.close();
+        let ids: Vec<ClientId> = self.clients.keys().copied().collect();
+        for id in ids {
+            self.send_client(
+                id,
+                Frame::new(CLIENT_SESSION, Message::Error(msg.to_string())),
+            );
+        }
+    }
+
+    /// Powers the VM off: guest `Shutdown`, then QMP `quit`, then SIGKILL.
+    async fn stop(
+        &mut self,
+        qemu: &mut Spawned,
+        events: &mut UnboundedReceiver<Event>,
+        force: bool,
+    ) {
+        let was = self.phase;
+        self.phase = Phase::Stopping;
+        if let Some(task) = self.accept_task.take() {
+            task.abort();
+        }
+        let _ = std::fs::remove_file(self.paths.supervisor_socket());
+        let ids: Vec<ClientId> = self.clients.keys().copied().collect();
+        for id in ids {
+            self.send_client(id, Frame::control(Message::Shutdown { force }));
+        }
+        let grace = if was == Phase::Booting && !self.config_sent {
+            // No agent to ask yet; nothing of the VM's has been written.
+            Duration::ZERO
+        } else {
+            self.send_guest(Frame::control(Message::Shutdown { force }));
+            if force {
+                FORCED_POWEROFF_GRACE
+            } else {
+                POWEROFF_GRACE
+            }
+        };
+        if self.wait_qemu(qemu, events, grace).await {
+            return;
+        }
+        eprintln!("supervisor: guest did not power off in {grace:?}; QMP quit");
+        if let Err(e) = qmp_quit(&self.paths.qmp_socket()).await {
+            eprintln!("supervisor: QMP quit: {e:#}");
+        }
+        if self.wait_qemu(qemu, events, Duration::from_secs(3)).await {
+            return;
+        }
+        eprintln!("supervisor: killing QEMU");
+        let _ = qemu.child.start_kill();
+        let _ = qemu.child.wait().await;
+    }
+
+    /// Waits up to `limit` for QEMU to exit while still relaying frames (sessions get
+    /// their last output and Exit while the guest shuts down). True when it exited.
+    async fn wait_qemu(
+        &mut self,
+        qemu: &mut Spawned,
+        events: &mut UnboundedReceiver<Event>,
+        limit: Duration,
+    ) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            tokio::select! {
+                status = qemu.child.wait() => {
+                    eprintln!("supervisor: QEMU exited ({})", status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string()));
+                    return true;
+                }
+                Some(event) = events.recv() => {
+                    // Requests are refused while stopping; a second Shutdown changes nothing.
+                    let _ = self.handle(event);
+                }
+                _ = tokio::time::sleep_until(deadline) => return false,
+            }
+        }
+    }
+
+    /// Ends every connection: sessions still open learn that the VM stopped; clients see
+    /// EOF once their queued frames are written (`pen stop` waits for exactly that).
+    async fn disconnect_all(&mut self) {
+        let msg = format!("VM {} stopped", self.name);
+        for id in self.router.drain() {
+            self.send_client(id, Frame::new(CLIENT_SESSION, Message::Error(msg.clone())));
+        }
+        let writers: Vec<JoinHandle<()>> = self.clients.drain().map(|(_, c)| c.writer).collect();
+        let _ =
+            tokio::time::timeout(Duration::from_secs(2), futures::future::join_all(writers)).await;
+    }
+}
+
+fn signal(kind: tokio::signal::unix::SignalKind) -> tokio::signal::unix::Signal {
+    tokio::signal::unix::signal(kind).expect("installing a signal handler")
+}
+
+/// A message's variant name, for logs: never its payload (stdin bytes, env values).
+fn kind(message: &Message) -> &'static str {
+    match message {
+        Message::Hello { .. } => "Hello",
+        Message::AwaitingConfig => "AwaitingConfig",
+        Message::Config(_) => "Config",
+        Message::Ready => "Ready",
+        Message::BootFailed { .. } => "BootFailed",
+        Message::Log { .. } => "Log",
+        Message::Shutdown { .. } => "Shutdown",
+        Message::KeepRunning => "KeepRunning",
+        Message::Exec(_) => "Exec",
+        Message::Started { .. } => "Started",
+        Message::Stdin(_) => "Stdin",
+        Message::Stdout(_) => "Stdout",
+        Message::Stderr(_) => "Stderr",
+        Message::Resize(_) => "Resize",
+        Message::Signal(_) => "Signal",
+        Message::Exit(_) => "Exit",
+        Message::Error(_) => "Error",
+    }
+}
+
+/// A complete boot failure message: the reason, QEMU's last words, the console's tail.
+fn boot_failure(name: &str, paths: &VmPaths, reason: &str, qemu_stderr: Option<&str>) -> String {
+    let mut msg = format!("VM {name} failed to boot: {reason}");
+    if let Some(stderr) = qemu_stderr.filter(|s| !s.trim().is_empty()) {
+        msg.push_str("\nQEMU said:\n");
+        msg.push_str(stderr.trim_end());
+    }
+    let console = paths.console_log();
+    let tail = tail_lines(&console, CONSOLE_TAIL_LINES);
+    if !tail.trim().is_empty() {
+        msg.push_str(&format!("\nlast lines of {}:\n", console.display()));
+        msg.push_str(tail.trim_end());
+    }
+    msg
+}
+
+/// The last `n` lines of a file (reads at most its last 64 KiB).
+pub fn tail_lines(path: &Path, n: usize) -> String {
+    let Ok(mut file) = std::fs::File::open(path) else {
+        return String::new();
+    };
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let start = len.saturating_sub(64 * 1024);
+    let mut bytes = Vec::new();
+    if file.seek(SeekFrom::Start(start)).is_err() || file.read_to_end(&mut bytes).is_err() {
+        return String::new();
+    }
+    let text = String::from_utf8_lossy(&bytes);
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// Removes the VM's runtime sockets (and the directory, when empty).
+pub fn remove_sockets(paths: &VmPaths) {
+    for sock in [
+        paths.supervisor_socket(),
+        paths.agent_socket(),
+        paths.qmp_socket(),
+        paths.virtiofs_socket(),
+    ] {
+        let _ = std::fs::remove_file(sock);
+    }
+    let _ = std::fs::remove_dir(&paths.runtime);
+}
+
+/// Connects to QEMU's end of the agent port, which QEMU creates at startup.
+async fn connect_agent(path: &Path, qemu: &mut Spawned) -> anyhow::Result<UnixStream> {
+    let start = Instant::now();
+    loop {
+        match UnixStream::connect(path).await {
+            Ok(stream) => return Ok(stream),
+            Err(e) => {
+                if let Some(status) = qemu.child.try_wait()? {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    anyhow::bail!("QEMU exited ({status}):\n{}", qemu.stderr.text());
+                }
+                if start.elapsed() > Duration::from_secs(30) {
+                    anyhow::bail!("QEMU did not open {}: {e}", path.display());
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+}
+
+/// QEMU's `quit` over QMP, through the `qapi` crate (the snapshot work needs its
+/// `migrate`/`device_add` too).
+async fn qmp_quit(path: &Path) -> anyhow::Result<()> {
+    let attempt = async {
+        let stream = qapi::futures::QmpStreamTokio::open_uds(path)
+            .await?
+            .negotiate()
+            .await?;
+        let (qmp, handle) = stream.spawn_tokio();
+        // QEMU may close the socket before it answers; the exit is what counts.
+        let _ = qmp.execute(qapi::qmp::quit {}).await;
+        handle.abort();
+        anyhow::Ok(())
+    };
+    tokio::time::timeout(Duration::from_secs(3), attempt)
+        .await
+        .context("QMP timed out")?
+}
+
+async fn accept_loop(listener: UnixListener, events: UnboundedSender<Event>) {
+    let mut next_id: ClientId = 1;
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                eprintln!("supervisor: accept: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let id = next_id;
+        next_id += 1;
+        let (r, w) = stream.into_split();
+        let (tx, rx) = unbounded_channel();
+        let writer = tokio::spawn(write_frames(w, rx));
+        if events.send(Event::ClientConnected(id, tx, writer)).is_err() {
+            return;
+        }
+        tokio::spawn(read_client(id, r, events.clone()));
+    }
+}
+
+async fn write_frames(w: OwnedWriteHalf, mut rx: UnboundedReceiver<Frame>) {
+    let mut sink = FramedWrite::new(w, FrameCodec::new());
+    while let Some(frame) = rx.recv().await {
+        if sink.feed(frame).await.is_err() {
+            return;
+        }
+        // Batch what is already queued into one flush.
+        while let Ok(frame) = rx.try_recv() {
+            if sink.feed(frame).await.is_err() {
+                return;
+            }
+        }
+        if sink.flush().await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn read_client(id: ClientId, r: OwnedReadHalf, events: UnboundedSender<Event>) {
+    let mut stream = FramedRead::new(r, FrameCodec::new());
+    while let Some(item) = stream.next().await {
+        let event = match item {
+            Ok(Ok(frame)) => Event::ClientFrame(id, frame),
+            Ok(Err(bad)) => Event::ClientBad(id, bad.to_string()),
+            Err(_) => break,
+        };
+        if events.send(event).is_err() {
+            return;
+        }
+    }
+    let _ = events.send(Event::ClientGone(id));
+}
+
+async fn read_guest(r: OwnedReadHalf, events: UnboundedSender<Event>) {
+    let mut stream = FramedRead::new(r, FrameCodec::new());
+    while let Some(item) = stream.next().await {
+        let event = match item {
+            Ok(Ok(frame)) => Event::Guest(frame),
+            Ok(Err(bad)) => Event::GuestBad(bad.to_string()),
+            Err(e) => {
+                eprintln!("supervisor: agent link: {e}");
+                break;
+            }
+        };
+        if events.send(event).is_err() {
+            return;
+        }
+    }
+    let _ = events.send(Event::GuestClosed);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tail_of_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("console.log");
+        let text: String = (1..=30).map(|i| format!("line {i}\n")).collect();
+        std::fs::write(&p, text).unwrap();
+        let tail = tail_lines(&p, 3);
+        assert_eq!(tail, "line 28\nline 29\nline 30");
+        assert_eq!(tail_lines(&dir.path().join("none"), 3), "");
+    }
+}
