@@ -62,7 +62,12 @@ pub struct LoadedProfile {
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let before = &text[..offset.min(text.len())];
     let line = before.matches('\n').count() + 1;
-    let col = before.rsplit('\n').next().map(|l| l.chars().count()).unwrap_or(0) + 1;
+    let col = before
+        .rsplit('\n')
+        .next()
+        .map(|l| l.chars().count())
+        .unwrap_or(0)
+        + 1;
     (line, col)
 }
 
@@ -70,7 +75,11 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
 pub fn parse(path: &Path, text: &str) -> Result<Profile, UsageError> {
     let profile: Profile = toml::from_str(text).map_err(|e| {
         let (line, col) = e.span().map(|s| line_col(text, s.start)).unwrap_or((1, 1));
-        UsageError::new(format!("{}:{line}:{col}: {}", path.display(), e.message().trim()))
+        UsageError::new(format!(
+            "{}:{line}:{col}: {}",
+            path.display(),
+            e.message().trim()
+        ))
     })?;
     let locate = |needle: &str| -> String {
         match text.find(needle) {
@@ -90,11 +99,15 @@ pub fn parse(path: &Path, text: &str) -> Result<Profile, UsageError> {
         }
     }
     if let Some(size) = profile.disk.as_ref().and_then(|d| d.size.as_deref()) {
-        size::parse_size("[disk] size", size).map_err(|e| UsageError::new(format!("{}: {e}", locate("size"))))?;
+        size::parse_size("[disk] size", size)
+            .map_err(|e| UsageError::new(format!("{}: {e}", locate("size"))))?;
     }
     if let Some(vm) = &profile.vm {
         if vm.cpus.is_some_and(|c| c == 0 || c > 255) {
-            return Err(UsageError::new(format!("{}: [vm] cpus must be from 1 to 255", locate("cpus"))));
+            return Err(UsageError::new(format!(
+                "{}: [vm] cpus must be from 1 to 255",
+                locate("cpus")
+            )));
         }
         if vm.memory.is_some_and(|m| m < crate::vm::MIN_MEMORY_MB) {
             return Err(UsageError::new(format!(
@@ -111,8 +124,11 @@ pub fn parse(path: &Path, text: &str) -> Result<Profile, UsageError> {
 pub fn valid_package_name(name: &str) -> bool {
     let mut chars = name.chars();
     name.len() >= 2
-        && chars.next().is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
-        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '+' | '-' | '.'))
+        && chars
+            .next()
+            .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && chars
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '+' | '-' | '.'))
 }
 
 /// Loads `profiles/<name>.toml`. A missing profile lists the ones that exist.
@@ -137,7 +153,12 @@ pub fn load(home: &PenHome, name: &str) -> anyhow::Result<LoadedProfile> {
         Some(text) => Some(size::parse_size("[disk] size", text)?),
         None => None,
     };
-    Ok(LoadedProfile { name: name.to_string(), path, profile, disk_size })
+    Ok(LoadedProfile {
+        name: name.to_string(),
+        path,
+        profile,
+        disk_size,
+    })
 }
 
 /// Names of `profiles/*.toml`, sorted.
@@ -176,7 +197,9 @@ impl Profile {
 
     /// sha256 of the setup script, kept in vm.json to notice later edits.
     pub fn setup_hash(&self) -> Option<String> {
-        self.setup.as_ref().map(|s| hex::encode(Sha256::digest(s.as_bytes())))
+        self.setup
+            .as_ref()
+            .map(|s| hex::encode(Sha256::digest(s.as_bytes())))
     }
 }
 
@@ -198,9 +221,15 @@ mod tests {
     #[test]
     fn unknown_keys_and_wrong_types_name_file_line_and_column() {
         let err = p("packages = []\npakages = [\"jq\"]\n").unwrap_err().0;
-        assert!(err.starts_with("/h/profiles/x.toml:2:1: unknown field `pakages`"), "{err}");
+        assert!(
+            err.starts_with("/h/profiles/x.toml:2:1: unknown field `pakages`"),
+            "{err}"
+        );
         let err = p("packages = \"jq\"\n").unwrap_err().0;
-        assert!(err.starts_with("/h/profiles/x.toml:1:12: invalid type"), "{err}");
+        assert!(
+            err.starts_with("/h/profiles/x.toml:1:12: invalid type"),
+            "{err}"
+        );
         let err = p("[vm]\ncpus = \"two\"\n").unwrap_err().0;
         assert!(err.starts_with("/h/profiles/x.toml:2:8:"), "{err}");
     }
@@ -209,7 +238,10 @@ mod tests {
     fn bad_values_are_located() {
         let err = p("packages = [\"jq\", \"-o=APT::x\"]\n").unwrap_err().0;
         assert!(err.starts_with("/h/profiles/x.toml:1:19:"), "{err}");
-        assert!(p("[disk]\nsize = \"10Q\"\n").unwrap_err().0.contains(":2:1:"));
+        assert!(p("[disk]\nsize = \"10Q\"\n")
+            .unwrap_err()
+            .0
+            .contains(":2:1:"));
         assert!(p("[vm]\nmemory = 64\n").is_err());
     }
 

@@ -75,6 +75,11 @@ pub enum Command {
         #[command(subcommand)]
         command: ImageCommand,
     },
+    /// Profiles: list and show.
+    Profile {
+        #[command(subcommand)]
+        command: ProfileCommand,
+    },
     /// Print pen's version.
     Version,
     /// Check the host for everything pen needs, with the fix for what is missing.
@@ -88,10 +93,13 @@ pub enum Command {
 
 #[derive(Debug, Subcommand)]
 pub enum ImageCommand {
-    /// Build an image.
+    /// Build the base image (--base) or a profile's image.
     Build {
+        /// The profile whose image to build.
+        #[arg(required_unless_present = "base", conflicts_with = "base")]
+        profile: Option<String>,
         /// Build the base image.
-        #[arg(long, required = true)]
+        #[arg(long)]
         base: bool,
     },
     /// List images with sizes and ages.
@@ -100,6 +108,15 @@ pub enum ImageCommand {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ProfileCommand {
+    /// List profiles with their image status.
+    #[command(visible_alias = "ls")]
+    List,
+    /// Show a profile, its image status and the VMs using it.
+    Show { name: String },
 }
 
 /// Flags that create or shape a VM; recorded in vm.json on first use.
@@ -123,6 +140,10 @@ pub struct CreateArgs {
     /// Copy KEY's value from this shell into the VM (repeatable).
     #[arg(long = "env-from-host", value_name = "KEY")]
     pub env_from_host: Vec<String>,
+    /// Profile to create the VM from (profiles/<name>.toml); its image is built when
+    /// missing or stale.
+    #[arg(long, value_name = "NAME")]
+    pub profile: Option<String>,
     /// Accelerator: kvm or tcg (default: kvm when usable; also PEN_ACCEL).
     #[arg(long, value_name = "kvm|tcg")]
     pub accel: Option<String>,

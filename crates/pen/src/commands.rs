@@ -6,11 +6,13 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use pen_core::accel::Accel;
 use pen_core::client::{self, StartOptions};
+use pen_core::image::profile_image::{self, ImageStatus};
 use pen_core::paths::{PenHome, VmPaths};
+use pen_core::profile::{self, LoadedProfile};
 use pen_core::vm::{self, CreationFlags, Status, VmConfig};
 use pen_core::{envspec, image, names, size, usage, UsageError};
 
-use crate::cli::{Command, CreateArgs, ImageCommand};
+use crate::cli::{Command, CreateArgs, ImageCommand, ProfileCommand};
 
 /// Overlay disks holding more than this need `--force` (or a yes) to delete.
 const DELETE_WARN_BYTES: u64 = 100 << 20;
@@ -51,12 +53,41 @@ pub fn run(command: Command) -> anyhow::Result<i32> {
         Command::Delete { name, force } => delete(&home, &name, force),
         Command::Logs { name, follow } => logs(&home, &name, follow),
         Command::Image {
-            command: ImageCommand::Build { base: _ },
+            command: ImageCommand::Build { profile: None, .. },
         } => {
             let image = image::build_base(&home)?;
             println!("base image {} ready", &image.manifest.image_id[..12]);
             Ok(0)
         }
+        Command::Image {
+            command:
+                ImageCommand::Build {
+                    profile: Some(name),
+                    ..
+                },
+        } => {
+            let loaded = profile::load(&home, &name)?;
+            let base = image::ensure_base(&home)?;
+            match profile_image::status(&home, &loaded, &base) {
+                ImageStatus::Built(m) => {
+                    println!(
+                        "profile {name}'s image {} is up to date",
+                        &m.cache_key[..12]
+                    )
+                }
+                _ => {
+                    profile_image::build(&home, &loaded, &base)?;
+                    println!("profile {name}'s image is built");
+                }
+            }
+            Ok(0)
+        }
+        Command::Profile {
+            command: ProfileCommand::List,
+        } => profile_list(&home),
+        Command::Profile {
+            command: ProfileCommand::Show { name },
+        } => profile_show(&home, &name),
         Command::Image {
             command: ImageCommand::List { json },
         } => image_list(&home, json),
@@ -99,7 +130,11 @@ fn prepare(home: &PenHome, name: Option<&str>, args: &CreateArgs) -> anyhow::Res
         }
     };
     names::validate("VM", &name)?;
-    let flags = parse_flags(args, dir)?;
+    let mut flags = parse_flags(args, dir)?;
+    let loaded = match &args.profile {
+        Some(profile) => Some(profile::load(home, profile)?),
+        None => None,
+    };
     // Checked here too, so a bad --env never gets as far as creating the VM.
     resolve_env(args)?;
     parse_accel(args)?;
@@ -108,8 +143,32 @@ fn prepare(home: &PenHome, name: Option<&str>, args: &CreateArgs) -> anyhow::Res
     let existing = VmConfig::load(&paths)?;
     let running = vm::status(&paths).0 == Status::Running;
     let default_dir = check_dir(Path::new("."))?;
-    let (config, notices) =
+    if let Some(loaded) = &loaded {
+        match &existing {
+            // The profile's [disk] and [vm] are defaults for a new VM; flags win.
+            None => {
+                let p = &loaded.profile;
+                flags.profile = Some(loaded.name.clone());
+                flags.disk_size = flags.disk_size.or(loaded.disk_size);
+                flags.cpus = flags.cpus.or(p.vm.as_ref().and_then(|v| v.cpus));
+                flags.memory_mb = flags.memory_mb.or(p.vm.as_ref().and_then(|v| v.memory));
+            }
+            Some(vm) if vm.profile.as_deref() != Some(loaded.name.as_str()) => eprintln!(
+                "pen: --profile {} ignored: VM {name} was created {}; delete it to change its profile",
+                loaded.name,
+                match &vm.profile {
+                    Some(p) => format!("with profile {p}"),
+                    None => "without a profile".to_string(),
+                }
+            ),
+            Some(_) => {}
+        }
+    }
+    let (mut config, notices) =
         vm::resolve_config(&name, existing.clone(), &flags, running, &default_dir);
+    if existing.is_none() {
+        config.setup_hash = loaded.as_ref().and_then(|l| l.profile.setup_hash());
+    }
     for notice in notices {
         eprintln!("pen: {notice}");
     }
@@ -211,6 +270,20 @@ fn start(
 ) -> anyhow::Result<Vec<(String, String)>> {
     let env = resolve_env(args)?;
     let base = image::ensure_base(home)?;
+    let (rootfs, setup_script) = match &vm.profile {
+        None => (base.rootfs.clone(), None),
+        Some(name) => {
+            let loaded = profile::load(home, name).map_err(|e| {
+                anyhow::anyhow!(
+                    "VM {} uses profile {name}, which cannot be loaded: {e:#}",
+                    vm.name
+                )
+            })?;
+            let rootfs = profile_image::ensure(home, &loaded, &base)?;
+            note_setup_change(vm, &loaded);
+            (rootfs, loaded.profile.setup.clone())
+        }
+    };
     client::ensure_running(
         home,
         vm,
@@ -220,12 +293,24 @@ fn start(
             keep_running,
             kernel: base.kernel,
             initrd: base.initrd,
-            rootfs: base.rootfs,
-            setup_script: None,
+            rootfs,
+            setup_script,
             quiet: false,
+            mode: pen_proto::BootMode::Shell,
         },
     )?;
     Ok(env)
+}
+
+/// Setup runs once per VM: a VM made before its profile's setup changed keeps what its own
+/// first boot did. Say so, once per start, so nobody waits for a re-run.
+fn note_setup_change(vm: &VmConfig, loaded: &LoadedProfile) {
+    if vm.setup_hash != loaded.profile.setup_hash() {
+        eprintln!(
+            "pen: profile {}'s setup changed since VM {} was created; {} will not re-run it (new VMs get the new setup)",
+            loaded.name, vm.name, vm.name
+        );
+    }
 }
 
 fn existing_vm(home: &PenHome, name: &str) -> anyhow::Result<VmConfig> {
@@ -369,18 +454,19 @@ fn logs(home: &PenHome, name: &str, follow: bool) -> anyhow::Result<i32> {
 }
 
 fn image_list(home: &PenHome, json: bool) -> anyhow::Result<i32> {
-    let rows = image::list(home);
+    let mut rows = image::list(home);
+    rows.extend(profile_image_rows(home));
     if json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
         return Ok(0);
     }
     println!(
-        "{:<12} {:<40} {:>8} {:>6}  STATUS",
+        "{:<16} {:<40} {:>8} {:>6}  STATUS",
         "IMAGE", "KIND", "SIZE", "AGE"
     );
     for row in rows {
         println!(
-            "{:<12} {:<40} {:>8} {:>6}  {}",
+            "{:<16} {:<40} {:>8} {:>6}  {}",
             row.name,
             row.kind,
             if row.size > 0 {
@@ -392,5 +478,158 @@ fn image_list(home: &PenHome, json: bool) -> anyhow::Result<i32> {
             row.status
         );
     }
+    Ok(0)
+}
+
+/// `pen image list` rows for profile images (built, stale or damaged ones; not missing).
+fn profile_image_rows(home: &PenHome) -> Vec<image::ImageRow> {
+    let base = image::BaseImage::load(home);
+    let mut rows = Vec::new();
+    for name in profile::list_names(home) {
+        let Ok(loaded) = profile::load(home, &name) else {
+            continue;
+        };
+        let rootfs = profile_image::rootfs_path(home, &name);
+        let status = match &base {
+            Some(base) => profile_image::status(home, &loaded, base),
+            None => ImageStatus::Missing { damaged: false },
+        };
+        let (created_at, label) = match &status {
+            ImageStatus::Missing { damaged: false } if !rootfs.exists() => continue,
+            ImageStatus::Built(m) => (Some(m.created_at), "built".to_string()),
+            ImageStatus::Stale(m) => (
+                Some(m.created_at),
+                "stale (rebuilt on next use)".to_string(),
+            ),
+            ImageStatus::Missing { .. } => (None, "damaged (rebuilt on next use)".to_string()),
+        };
+        rows.push(image::ImageRow {
+            name: format!("profile/{name}"),
+            kind: format!("{} packages", loaded.profile.packages.len()),
+            size: std::fs::metadata(&rootfs).map(|m| m.len()).unwrap_or(0),
+            created_at,
+            status: label,
+        });
+    }
+    rows
+}
+
+fn profile_status_text(home: &PenHome, loaded: &LoadedProfile) -> String {
+    match image::BaseImage::load(home) {
+        None => "missing (base image not built)".to_string(),
+        Some(base) => {
+            let key = loaded.profile.cache_key(&base.manifest.image_id);
+            match profile_image::status(home, loaded, &base) {
+                ImageStatus::Built(_) => format!("built {}", &key[..12]),
+                ImageStatus::Stale(m) => {
+                    format!("stale (built {}, now {})", &m.cache_key[..12], &key[..12])
+                }
+                ImageStatus::Missing { damaged: true } => {
+                    format!("damaged (will build {})", &key[..12])
+                }
+                ImageStatus::Missing { damaged: false } => {
+                    format!("missing (will build {})", &key[..12])
+                }
+            }
+        }
+    }
+}
+
+fn profile_list(home: &PenHome) -> anyhow::Result<i32> {
+    let names = profile::list_names(home);
+    if names.is_empty() {
+        eprintln!(
+            "pen: no profiles yet; create {}",
+            home.profile_file("NAME").display()
+        );
+        return Ok(0);
+    }
+    println!(
+        "{:<16} {:<40} {:<6} IMAGE-STATUS",
+        "NAME", "PACKAGES", "SETUP"
+    );
+    for name in names {
+        match profile::load(home, &name) {
+            Ok(loaded) => {
+                let mut packages = loaded.profile.packages.join(",");
+                if packages.len() > 40 {
+                    packages.truncate(37);
+                    packages.push_str("...");
+                }
+                println!(
+                    "{:<16} {:<40} {:<6} {}",
+                    name,
+                    if packages.is_empty() {
+                        "-".to_string()
+                    } else {
+                        packages
+                    },
+                    if loaded.profile.setup.is_some() {
+                        "yes"
+                    } else {
+                        "no"
+                    },
+                    profile_status_text(home, &loaded)
+                );
+            }
+            Err(e) => println!("{name:<16} invalid: {e:#}"),
+        }
+    }
+    Ok(0)
+}
+
+fn profile_show(home: &PenHome, name: &str) -> anyhow::Result<i32> {
+    let loaded = profile::load(home, name)?;
+    let p = &loaded.profile;
+    println!("profile:  {name} ({})", loaded.path.display());
+    println!(
+        "packages: {}",
+        if p.packages.is_empty() {
+            "-".to_string()
+        } else {
+            p.packages.join(" ")
+        }
+    );
+    for (label, script) in [("build", &p.build), ("setup", &p.setup)] {
+        match script {
+            Some(script) => {
+                println!("{label}:");
+                for line in script.lines() {
+                    println!("    {line}");
+                }
+            }
+            None => println!("{label}:    -"),
+        }
+    }
+    if let Some(size) = loaded.disk_size {
+        println!("disk:     {}", size::human(size));
+    }
+    if let Some(vm) = &p.vm {
+        println!(
+            "vm:       cpus {}, memory {}",
+            vm.cpus.map(|c| c.to_string()).unwrap_or_else(|| "-".into()),
+            vm.memory
+                .map(|m| format!("{m}M"))
+                .unwrap_or_else(|| "-".into())
+        );
+    }
+    println!("image:    {}", profile_status_text(home, &loaded));
+    let users: Vec<String> = vm::list_names(home)?
+        .into_iter()
+        .filter(|n| {
+            VmConfig::load(&VmPaths::new(home, n))
+                .ok()
+                .flatten()
+                .is_some_and(|vm| vm.profile.as_deref() == Some(name))
+        })
+        .collect();
+    println!(
+        "vms:      {}",
+        if users.is_empty() {
+            "-".to_string()
+        } else {
+            users.join(", ")
+        }
+    );
     Ok(0)
 }

@@ -7,6 +7,7 @@
 
 mod base;
 pub mod initrd;
+pub mod profile_image;
 pub mod sources;
 
 use std::path::{Path, PathBuf};

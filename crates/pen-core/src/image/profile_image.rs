@@ -1,0 +1,430 @@
+//! Profile images: a profile's packages and build script baked into a root squashfs by a
+//! builder VM, never on the host (build scripts are untrusted code).
+//!
+//! `images/profiles/<name>/`: `rootfs.sqfs`, `image.json` (identity), `build.log`, and
+//! `build.hash` (the cache key) written last: a build that fails anywhere leaves the previous
+//! image and its `build.hash` untouched.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use anyhow::{bail, Context};
+use nix::fcntl::{Flock, FlockArg};
+use serde::{Deserialize, Serialize};
+
+use super::{BaseImage, FileIdentity};
+use crate::client::{self, StartOptions};
+use crate::fsutil::{sync_dir, write_atomic};
+use crate::paths::{PenHome, VmPaths};
+use crate::profile::LoadedProfile;
+use crate::progress::Progress;
+use crate::vm::{now_secs, VmConfig};
+
+/// Memory and scratch disk of a builder VM: enough for `apt-get install` of big toolchains.
+const BUILDER_MEMORY_MB: u32 = 2048;
+const BUILDER_DISK: u64 = 32 << 30;
+
+/// `images/profiles/<name>/image.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProfileImageManifest {
+    pub profile: String,
+    pub cache_key: String,
+    pub base_image_id: String,
+    pub rootfs: FileIdentity,
+    pub packages: Vec<String>,
+    pub created_at: u64,
+}
+
+/// Where a profile's image stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ImageStatus {
+    /// Built from the profile as it is now.
+    Built(ProfileImageManifest),
+    /// Built, but the profile or the base image changed since (rebuilt on next use).
+    Stale(ProfileImageManifest),
+    /// Never built, or damaged (rebuilt on next use).
+    Missing { damaged: bool },
+}
+
+impl ImageStatus {
+    pub fn label(&self) -> &'static str {
+        match self {
+            ImageStatus::Built(_) => "built",
+            ImageStatus::Stale(_) => "stale",
+            ImageStatus::Missing { damaged: false } => "missing",
+            ImageStatus::Missing { damaged: true } => "damaged",
+        }
+    }
+}
+
+pub fn rootfs_path(home: &PenHome, profile: &str) -> PathBuf {
+    home.profile_image_dir(profile).join("rootfs.sqfs")
+}
+
+/// A squashfs file that is whole: magic `hsqs` and at least `bytes_used` bytes long.
+pub fn squashfs_intact(path: &Path) -> bool {
+    let mut header = [0u8; 48];
+    let Ok(mut file) = File::open(path) else {
+        return false;
+    };
+    if file.read_exact(&mut header).is_err() || &header[..4] != b"hsqs" {
+        return false;
+    }
+    let bytes_used = u64::from_le_bytes(header[40..48].try_into().unwrap());
+    file.metadata()
+        .is_ok_and(|m| m.len() >= bytes_used && bytes_used > 0)
+}
+
+/// The state of `profile`'s image against the current base image.
+pub fn status(home: &PenHome, profile: &LoadedProfile, base: &BaseImage) -> ImageStatus {
+    let dir = home.profile_image_dir(&profile.name);
+    let key = std::fs::read_to_string(dir.join("build.hash")).ok();
+    let manifest: Option<ProfileImageManifest> = std::fs::read(dir.join("image.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok());
+    let rootfs = rootfs_path(home, &profile.name);
+    match (key, manifest) {
+        (None, None) if !rootfs.exists() => ImageStatus::Missing { damaged: false },
+        (Some(key), Some(manifest))
+            if key.trim() == manifest.cache_key
+                && manifest.rootfs.size
+                    == std::fs::metadata(&rootfs).map(|m| m.len()).unwrap_or(0)
+                && squashfs_intact(&rootfs) =>
+        {
+            if manifest.cache_key == profile.profile.cache_key(&base.manifest.image_id) {
+                ImageStatus::Built(manifest)
+            } else {
+                ImageStatus::Stale(manifest)
+            }
+        }
+        _ => ImageStatus::Missing { damaged: true },
+    }
+}
+
+/// The profile's image, built first when missing, stale or damaged.
+pub fn ensure(
+    home: &PenHome,
+    profile: &LoadedProfile,
+    base: &BaseImage,
+) -> anyhow::Result<PathBuf> {
+    match status(home, profile, base) {
+        ImageStatus::Built(_) => Ok(rootfs_path(home, &profile.name)),
+        other => {
+            if let ImageStatus::Missing { damaged: true } = other {
+                eprintln!(
+                    "pen: profile {}'s image is damaged or incomplete; rebuilding it",
+                    profile.name
+                );
+            }
+            build(home, profile, base)
+        }
+    }
+}
+
+/// Builds `profile`'s image in a builder VM, or waits for a build of it already running
+/// and reuses the result when it matches.
+pub fn build(home: &PenHome, profile: &LoadedProfile, base: &BaseImage) -> anyhow::Result<PathBuf> {
+    let dir = home.profile_image_dir(&profile.name);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let lock_file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join(".build.lock"))?;
+    let _lock = match Flock::lock(lock_file, FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => lock,
+        Err((file, _)) => {
+            eprintln!(
+                "pen: profile {} is being built by another pen; waiting for it",
+                profile.name
+            );
+            let lock = Flock::lock(file, FlockArg::LockExclusive)
+                .map_err(|(_, e)| anyhow::anyhow!("locking: {e}"))?;
+            if let ImageStatus::Built(_) = status(home, profile, base) {
+                return Ok(rootfs_path(home, &profile.name));
+            }
+            lock
+        }
+    };
+    let progress = Progress::start(&format!("building profile {}'s image", profile.name));
+    let result = build_locked(home, profile, base, &progress);
+    match &result {
+        Ok(_) => progress.finish("done"),
+        Err(_) => progress.abandon(),
+    }
+    result
+}
+
+/// Writes each chunk to the build log and shows its last line as progress.
+struct LogSink<'a> {
+    log: &'a mut File,
+    progress: &'a Progress,
+    echo: bool,
+}
+
+impl Write for LogSink<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.log.write_all(buf)?;
+        let text = String::from_utf8_lossy(buf);
+        if let Some(line) = text.lines().rev().find(|l| !l.trim().is_empty()) {
+            self.progress.line(line);
+        }
+        if self.echo {
+            for line in text.lines().filter(|l| !l.trim().is_empty()) {
+                self.progress.println(&format!("  {line}"));
+            }
+        }
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.log.flush()
+    }
+}
+
+fn build_locked(
+    home: &PenHome,
+    profile: &LoadedProfile,
+    base: &BaseImage,
+    progress: &Progress,
+) -> anyhow::Result<PathBuf> {
+    let dir = home.profile_image_dir(&profile.name);
+    let key = profile.profile.cache_key(&base.manifest.image_id);
+    // The builder VM lives in a private PEN_HOME inside the image directory: it never shows
+    // in `pen list` and disappears with the build.
+    let scratch = tempfile::Builder::new()
+        .prefix(".build-")
+        .tempdir_in(&dir)?;
+    let builder_home = PenHome::at(scratch.path());
+    let log_tmp = scratch.path().join("build.log");
+    let mut log = File::create(&log_tmp)?;
+    writeln!(
+        log,
+        "pen: building profile {} (cache key {key})",
+        profile.name
+    )?;
+
+    let vm = VmConfig {
+        name: "builder".into(),
+        dir: scratch.path().to_path_buf(),
+        cpus: crate::vm::host_cpus(),
+        memory_mb: BUILDER_MEMORY_MB,
+        disk_size: BUILDER_DISK,
+        profile: None,
+        setup_hash: None,
+        created_at: now_secs(),
+    };
+    let vm_paths = VmPaths::new(&builder_home, &vm.name);
+    vm.save(&vm_paths)?;
+    progress.line("booting the builder VM");
+    client::ensure_running(
+        &builder_home,
+        &vm,
+        StartOptions {
+            accel: None,
+            env: Vec::new(),
+            keep_running: true,
+            kernel: base.kernel.clone(),
+            initrd: base.initrd.clone(),
+            rootfs: base.rootfs.clone(),
+            setup_script: None,
+            quiet: true,
+            mode: pen_proto::BootMode::Build,
+        },
+    )
+    .context("the builder VM did not boot")?;
+    // Stop the builder whatever happens below.
+    struct StopOnDrop<'a>(&'a PenHome);
+    impl Drop for StopOnDrop<'_> {
+        fn drop(&mut self) {
+            let _ = client::stop(self.0, "builder", true);
+        }
+    }
+    let _stop = StopOnDrop(&builder_home);
+
+    let apt_env = vec![("DEBIAN_FRONTEND".to_string(), "noninteractive".to_string())];
+    let mut steps: Vec<(&str, Vec<String>)> =
+        vec![("apt-get update", argv(&["apt-get", "update"]))];
+    if !profile.profile.packages.is_empty() {
+        let mut install = argv(&["apt-get", "install", "-y", "--no-install-recommends"]);
+        install.extend(profile.profile.packages.iter().cloned());
+        steps.push(("install packages", install));
+    }
+    if let Some(script) = &profile.profile.build {
+        // The script is one argv element: never pasted into a shell string.
+        steps.push((
+            "build script",
+            vec!["bash".into(), "-e".into(), "-c".into(), script.clone()],
+        ));
+    }
+    steps.push((
+        "clean apt caches",
+        argv(&[
+            "sh",
+            "-c",
+            "apt-get clean && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin",
+        ]),
+    ));
+    for (step, command) in steps {
+        progress.println(&format!("pen: [{}] {step}", profile.name));
+        writeln!(log, "pen: step {step}: {command:?}")?;
+        let mut out = LogSink {
+            log: &mut log.try_clone()?,
+            progress,
+            echo: false,
+        };
+        let mut err = LogSink {
+            log: &mut log.try_clone()?,
+            progress,
+            echo: false,
+        };
+        let status = client::run_captured(
+            &builder_home,
+            "builder",
+            command,
+            apt_env.clone(),
+            &mut out,
+            &mut err,
+        )?;
+        if status.code() != 0 {
+            keep_log(&log_tmp, &dir);
+            bail!(
+                "profile {}: step `{step}` failed with exit status {}; last lines of {}:\n{}",
+                profile.name,
+                status.code(),
+                dir.join("build.log").display(),
+                crate::supervisor::tail_lines(&dir.join("build.log"), 15)
+            );
+        }
+    }
+
+    progress.println(&format!("pen: [{}] packing the image", profile.name));
+    let sqfs_tmp = scratch.path().join("rootfs.sqfs");
+    pack_guest_root(&builder_home, &sqfs_tmp, &mut log, progress)
+        .inspect_err(|_| keep_log(&log_tmp, &dir))?;
+    drop(_stop);
+
+    File::open(&sqfs_tmp)?.sync_all()?;
+    let rootfs = rootfs_path(home, &profile.name);
+    std::fs::rename(&sqfs_tmp, &rootfs).with_context(|| format!("moving {}", rootfs.display()))?;
+    sync_dir(&dir);
+    let manifest = ProfileImageManifest {
+        profile: profile.name.clone(),
+        cache_key: key.clone(),
+        base_image_id: base.manifest.image_id.clone(),
+        rootfs: FileIdentity::of(&rootfs)?,
+        packages: profile.profile.packages.clone(),
+        created_at: now_secs(),
+    };
+    write_atomic(
+        &dir.join("image.json"),
+        &serde_json::to_vec_pretty(&manifest)?,
+    )?;
+    keep_log(&log_tmp, &dir);
+    write_atomic(&dir.join("build.hash"), format!("{key}\n").as_bytes())?;
+    Ok(rootfs)
+}
+
+fn argv(words: &[&str]) -> Vec<String> {
+    words.iter().map(|w| w.to_string()).collect()
+}
+
+fn keep_log(log_tmp: &Path, dir: &Path) {
+    let _ = std::fs::copy(log_tmp, dir.join("build.log"));
+}
+
+/// Streams the builder's merged root as tar (over the control channel) into tar2sqfs.
+fn pack_guest_root(
+    builder_home: &PenHome,
+    out: &Path,
+    log: &mut File,
+    progress: &Progress,
+) -> anyhow::Result<()> {
+    let jobs = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .to_string();
+    let mut packer = Command::new("tar2sqfs")
+        .args([
+            "--quiet",
+            "--force",
+            "--compressor",
+            "zstd",
+            "--num-jobs",
+            &jobs,
+        ])
+        .arg(out)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting tar2sqfs (install squashfs-tools-ng)")?;
+    let mut stdin = packer.stdin.take().expect("piped");
+    let mut err = LogSink {
+        log,
+        progress,
+        echo: false,
+    };
+    // --one-file-system leaves out /proc, /sys, /dev, /run and /tmp (their mount points stay).
+    let tar = argv(&[
+        "tar",
+        "--numeric-owner",
+        "--one-file-system",
+        "-C",
+        "/",
+        "-cf",
+        "-",
+        ".",
+    ]);
+    let streamed = client::run_captured(
+        builder_home,
+        "builder",
+        tar,
+        Vec::new(),
+        &mut stdin,
+        &mut err,
+    );
+    drop(stdin);
+    let output = packer.wait_with_output()?;
+    let status = streamed.context("streaming the builder's root")?;
+    if status.code() != 0 {
+        bail!(
+            "tar in the builder VM failed with exit status {}",
+            status.code()
+        );
+    }
+    if !output.status.success() {
+        bail!(
+            "tar2sqfs failed ({}): {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+                .lines()
+                .last()
+                .unwrap_or("")
+                .trim()
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn squashfs_check_needs_magic_and_length() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.sqfs");
+        let mut header = vec![0u8; 4096];
+        header[..4].copy_from_slice(b"hsqs");
+        header[40..48].copy_from_slice(&4096u64.to_le_bytes());
+        std::fs::write(&path, &header).unwrap();
+        assert!(squashfs_intact(&path));
+        std::fs::write(&path, &header[..2048]).unwrap();
+        assert!(!squashfs_intact(&path), "truncated");
+        header[0] = b'x';
+        std::fs::write(&path, &header).unwrap();
+        assert!(!squashfs_intact(&path), "bad magic");
+    }
+}
