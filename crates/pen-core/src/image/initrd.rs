@@ -137,14 +137,14 @@ pub fn write_cpio<W: Write>(mut out: W, files: &[InitrdFile]) -> std::io::Result
 mod tests {
     use super::*;
 
-    const DEP: &str = "kernel/fs/fuse/virtiofs.ko: kernel/fs/fuse/fuse.ko kernel/drivers/virtio/virtio.ko kernel/drivers/virtio/virtio_ring.ko\nkernel/fs/fuse/fuse.ko:\nkernel/drivers/virtio/virtio.ko:\nkernel/drivers/virtio/virtio_ring.ko: kernel/drivers/virtio/virtio.ko\nkernel/drivers/char/hw_random/virtio-rng.ko: kernel/drivers/virtio/virtio_ring.ko kernel/drivers/virtio/virtio.ko\n";
+    const DEP: &str = "kernel/fs/fuse/virtiofs.ko: kernel/fs/fuse/fuse.ko kernel/drivers/virtio/virtio.ko kernel/drivers/virtio/virtio_ring.ko\nkernel/fs/fuse/fuse.ko:\nkernel/drivers/virtio/virtio.ko: kernel/drivers/virtio/virtio_ring.ko\nkernel/drivers/virtio/virtio_ring.ko:\nkernel/drivers/char/hw_random/virtio-rng.ko: kernel/drivers/virtio/virtio_ring.ko kernel/drivers/virtio/virtio.ko\n";
 
     #[test]
     fn dependencies_load_first_and_once() {
         let order = load_order(&parse_modules_dep(DEP), &["virtiofs", "virtio_rng"]).unwrap();
         let pos = |m: &str| order.iter().position(|p| p.ends_with(m)).unwrap();
         assert!(pos("/fuse.ko") < pos("/virtiofs.ko"));
-        assert!(pos("/virtio.ko") < pos("/virtio_ring.ko"));
+        assert!(pos("/virtio_ring.ko") < pos("/virtio.ko"));
         assert!(pos("/virtio_ring.ko") < pos("/virtiofs.ko"));
         assert_eq!(order.len(), 5);
     }

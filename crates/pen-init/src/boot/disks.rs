@@ -1,0 +1,157 @@
+//! Finding devices by role: block devices by their virtio serial, the agent port by name.
+//! Devices appear asynchronously after their driver module loads, so lookups poll.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// How long to wait for a device to show up after its driver loaded.
+pub const DEVICE_TIMEOUT: Duration = Duration::from_secs(10);
+const POLL_INTERVAL: Duration = Duration::from_millis(20);
+
+fn read_trimmed(path: &Path) -> Option<String> {
+    std::fs::read_to_string(path)
+        .ok()
+        .map(|s| s.trim_end_matches(['\n', '\0', ' ']).to_string())
+}
+
+/// The name (`vda`, ...) of the block device under `sys_block` (normally `/sys/block`) whose
+/// `serial` file equals `serial`.
+pub fn find_block_by_serial(sys_block: &Path, serial: &str) -> Option<String> {
+    let mut names: Vec<String> = std::fs::read_dir(sys_block)
+        .ok()?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+        .into_iter()
+        .find(|name| read_trimmed(&sys_block.join(name).join("serial")).as_deref() == Some(serial))
+}
+
+/// The device name (`vport1p1`, ...) of the virtio-serial port under `sys_ports` (normally
+/// `/sys/class/virtio-ports`) whose `name` equals `port_name`.
+pub fn find_port_by_name(sys_ports: &Path, port_name: &str) -> Option<String> {
+    let mut names: Vec<String> = std::fs::read_dir(sys_ports)
+        .ok()?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+        .into_iter()
+        .find(|name| read_trimmed(&sys_ports.join(name).join("name")).as_deref() == Some(port_name))
+}
+
+/// Polls `probe` until it yields a value or `timeout` passes.
+pub fn poll_for<T>(timeout: Duration, mut probe: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = probe() {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(POLL_INTERVAL);
+    }
+}
+
+/// Waits for the block device with `serial` and its `/dev` node; returns the node's path.
+pub fn wait_for_disk(serial: &str) -> Result<PathBuf, String> {
+    poll_for(DEVICE_TIMEOUT, || {
+        let name = find_block_by_serial(Path::new("/sys/block"), serial)?;
+        let dev = PathBuf::from("/dev").join(name);
+        dev.exists().then_some(dev)
+    })
+    .ok_or_else(|| {
+        format!(
+            "no disk with serial {serial:?} appeared within {}s",
+            DEVICE_TIMEOUT.as_secs()
+        )
+    })
+}
+
+/// Waits for the virtio-serial port named `port_name` and its `/dev` node.
+pub fn wait_for_port(port_name: &str) -> Result<PathBuf, String> {
+    poll_for(DEVICE_TIMEOUT, || {
+        let name = find_port_by_name(Path::new("/sys/class/virtio-ports"), port_name)?;
+        let dev = PathBuf::from("/dev").join(name);
+        dev.exists().then_some(dev)
+    })
+    .ok_or_else(|| {
+        format!(
+            "no virtio-serial port {port_name:?} appeared within {}s",
+            DEVICE_TIMEOUT.as_secs()
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tempdir(tag: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("pen-init-test-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn finds_disk_by_serial() {
+        let dir = tempdir("serial");
+        for (name, serial) in [
+            ("vda", "pen-root\n"),
+            ("vdb", "pen-overlay\n"),
+            ("loop0", ""),
+        ] {
+            std::fs::create_dir_all(dir.join(name)).unwrap();
+            if !serial.is_empty() {
+                std::fs::write(dir.join(name).join("serial"), serial).unwrap();
+            }
+        }
+        assert_eq!(
+            find_block_by_serial(&dir, "pen-overlay").as_deref(),
+            Some("vdb")
+        );
+        assert_eq!(
+            find_block_by_serial(&dir, "pen-root").as_deref(),
+            Some("vda")
+        );
+        assert_eq!(find_block_by_serial(&dir, "pen"), None);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn finds_port_by_name() {
+        let dir = tempdir("ports");
+        for (name, port) in [("vport0p0", ""), ("vport1p1", "org.pen.agent\n")] {
+            std::fs::create_dir_all(dir.join(name)).unwrap();
+            std::fs::write(dir.join(name).join("name"), port).unwrap();
+        }
+        assert_eq!(
+            find_port_by_name(&dir, "org.pen.agent").as_deref(),
+            Some("vport1p1")
+        );
+        assert_eq!(
+            find_port_by_name(&dir.join("missing"), "org.pen.agent"),
+            None
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn poll_gives_up() {
+        let start = Instant::now();
+        assert_eq!(poll_for::<()>(Duration::from_millis(50), || None), None);
+        assert!(start.elapsed() >= Duration::from_millis(50));
+        let mut n = 0;
+        assert_eq!(
+            poll_for(Duration::from_secs(1), || {
+                n += 1;
+                (n == 3).then_some(n)
+            }),
+            Some(3)
+        );
+    }
+}
