@@ -34,6 +34,10 @@ fn main() {
         }),
     };
     println!("cargo:rustc-env=PEN_INIT_PATH={}", binary.display());
+    // Hashed here, not at run time: every `pen` command compares it with base.json.
+    use sha2::Digest;
+    let bytes = std::fs::read(&binary).expect("reading pen-init");
+    println!("cargo:rustc-env=PEN_INIT_SHA256={}", hex::encode(sha2::Sha256::digest(bytes)));
 }
 
 fn build_pen_init(workspace: &std::path::Path) -> Option<PathBuf> {

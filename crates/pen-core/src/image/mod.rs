@@ -24,8 +24,9 @@ pub use base::build_base;
 /// The guest agent binary, built static by `build.rs`.
 pub static PEN_INIT: &[u8] = include_bytes!(env!("PEN_INIT_PATH"));
 
+/// sha256 of [`PEN_INIT`], computed by `build.rs`.
 pub fn pen_init_sha256() -> String {
-    sha256_hex(PEN_INIT)
+    env!("PEN_INIT_SHA256").to_string()
 }
 
 /// Packages installed into the base image on top of Debian's minbase variant.
@@ -176,4 +177,14 @@ pub fn list(home: &PenHome) -> Vec<ImageRow> {
         }),
     }
     rows
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn build_time_hash_is_the_embedded_binarys() {
+        assert_eq!(pen_init_sha256(), sha256_hex(PEN_INIT));
+    }
 }

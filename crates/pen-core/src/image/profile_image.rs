@@ -279,6 +279,7 @@ fn build_locked(
             progress,
             echo: false,
         };
+        let step_started = std::time::Instant::now();
         let status = client::run_captured(
             &builder_home,
             "builder",
@@ -286,6 +287,12 @@ fn build_locked(
             apt_env.clone(),
             &mut out,
             &mut err,
+        )?;
+        writeln!(
+            log,
+            "pen: step {step} ended with status {} after {:.1}s",
+            status.code(),
+            step_started.elapsed().as_secs_f64()
         )?;
         if status.code() != 0 {
             keep_log(&log_tmp, &dir);
@@ -301,8 +308,22 @@ fn build_locked(
 
     progress.println(&format!("pen: [{}] packing the image", profile.name));
     let sqfs_tmp = scratch.path().join("rootfs.sqfs");
-    pack_guest_root(&builder_home, &sqfs_tmp, &mut log, progress)
-        .inspect_err(|_| keep_log(&log_tmp, &dir))?;
+    let pack_started = std::time::Instant::now();
+    if let Err(e) = pack_guest_root(&builder_home, &sqfs_tmp, &mut log, progress) {
+        // The partial image goes first: on a full disk, keeping the log needs its room.
+        let _ = std::fs::remove_file(&sqfs_tmp);
+        let _ = writeln!(log, "pen: step packing the image failed: {e:#}");
+        keep_log(&log_tmp, &dir);
+        return Err(e.context(format!(
+            "profile {}: step `packing the image` failed",
+            profile.name
+        )));
+    }
+    writeln!(
+        log,
+        "pen: packed the image in {:.1}s",
+        pack_started.elapsed().as_secs_f64()
+    )?;
     drop(_stop);
 
     File::open(&sqfs_tmp)?.sync_all()?;
@@ -387,6 +408,26 @@ fn pack_guest_root(
     );
     drop(stdin);
     let output = packer.wait_with_output()?;
+    // The packer's failure comes first: when it dies, the stream only sees a broken pipe.
+    if !output.status.success() {
+        let reason = String::from_utf8_lossy(&output.stderr)
+            .lines()
+            .rfind(|l| !l.trim().is_empty())
+            .unwrap_or("")
+            .trim()
+            .to_string();
+        // tar2sqfs reports ENOSPC as a bare "I/O error": say what it is.
+        let dir = out.parent().unwrap_or(Path::new("."));
+        let full = match free_bytes(dir) {
+            Some(free) if free < FULL_DISK_BYTES => format!(
+                "; no space left on the disk holding {} ({} free)",
+                dir.display(),
+                crate::size::human(free)
+            ),
+            _ => String::new(),
+        };
+        bail!("tar2sqfs failed ({}): {reason}{full}", output.status);
+    }
     let status = streamed.context("streaming the builder's root")?;
     if status.code() != 0 {
         bail!(
@@ -394,18 +435,17 @@ fn pack_guest_root(
             status.code()
         );
     }
-    if !output.status.success() {
-        bail!(
-            "tar2sqfs failed ({}): {}",
-            output.status,
-            String::from_utf8_lossy(&output.stderr)
-                .lines()
-                .last()
-                .unwrap_or("")
-                .trim()
-        );
-    }
     Ok(())
+}
+
+/// Less free space than this after a failed pack means the disk filled up: tar2sqfs writes
+/// in blocks of at most a few MB, so a write that failed for room leaves less than that.
+const FULL_DISK_BYTES: u64 = 16 << 20;
+
+/// Bytes an unprivileged process may still write on the filesystem holding `dir`.
+fn free_bytes(dir: &Path) -> Option<u64> {
+    let st = nix::sys::statvfs::statvfs(dir).ok()?;
+    Some(st.blocks_available() as u64 * st.fragment_size() as u64)
 }
 
 #[cfg(test)]
