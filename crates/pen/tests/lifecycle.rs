@@ -1,0 +1,346 @@
+//! VM lifecycle and state: the overlay disk persists (across clean and unclean stops), the
+//! workspace is shared both ways, env stays off every disk, list/stop/delete, who keeps a VM
+//! running, races to start one VM, and no orphans when the supervisor dies.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+
+/// apt over the guest's user-mode NAT, under TCG: give it time.
+const APT_TIMEOUT: Duration = Duration::from_secs(1200);
+
+#[test]
+fn overlay_persists_across_stop_and_start() {
+    let pen = Pen::new("persist");
+    pen.start("keep");
+    let install = pen.exec_args(
+        "keep",
+        &["sh", "-c", "apt-get update && apt-get install -y jq"],
+    );
+    run_cmd(pen.cmd(&install), None, APT_TIMEOUT).ok();
+    pen.exec("keep", &["sh", "-c", "echo kept > /root/kept.txt"])
+        .ok();
+    pen.run(&["stop", "keep"]).ok();
+    assert_eq!(pen.status("keep"), "stopped");
+    assert!(
+        pen.qemu_pids("keep").is_empty(),
+        "QEMU still runs after stop"
+    );
+
+    // A cold boot (exec-started) sees both.
+    let out = pen
+        .exec_stdin(
+            "keep",
+            &["sh", "-c", "cat /root/kept.txt && jq -c .a"],
+            br#"{"a":[1,2]}"#,
+        )
+        .ok();
+    assert_eq!(out.stdout_str(), "kept\n[1,2]\n", "{out}");
+}
+
+#[test]
+fn unclean_stop_then_the_next_boot_mounts_cleanly_with_the_data() {
+    let pen = Pen::new("unclean");
+    pen.start("crash");
+    pen.exec(
+        "crash",
+        &["sh", "-c", "echo survived > /root/crash.txt && sync"],
+    )
+    .ok();
+    let qemu = pen.qemu_pids("crash");
+    assert_eq!(qemu.len(), 1, "expected one QEMU for the VM: {qemu:?}");
+    kill9(qemu[0]);
+    pen.wait_status("crash", "stopped", Duration::from_secs(30));
+    assert!(
+        wait_until(Duration::from_secs(10), || pen
+            .leftover_processes()
+            .is_empty()),
+        "processes left after QEMU died: {:#?}",
+        pen.leftover_processes()
+    );
+
+    // The journal is replayed; the root is the writable overlay again, with the data.
+    let out = pen
+        .exec(
+            "crash",
+            &[
+                "sh",
+                "-c",
+                "cat /root/crash.txt && touch /root/after && echo writable && \
+                 awk '$2 == \"/\" { print $1, substr($4, 1, 2) }' /proc/mounts",
+            ],
+        )
+        .ok();
+    assert_eq!(
+        out.stdout_str(),
+        "survived\nwritable\noverlay rw\n",
+        "{out}"
+    );
+}
+
+#[test]
+fn workspace_is_shared_both_ways() {
+    let pen = Pen::new("workspace");
+    pen.start("ws");
+    let token = random_token("from-host-");
+    std::fs::create_dir_all(pen.ws.join("sub")).unwrap();
+    std::fs::write(pen.ws.join("sub/host.txt"), &token).unwrap();
+
+    let out = pen
+        .exec("ws", &["sh", "-c", "cat /workspace/sub/host.txt"])
+        .ok();
+    assert_eq!(out.stdout_str(), token, "{out}");
+
+    pen.exec(
+        "ws",
+        &[
+            "sh",
+            "-c",
+            "mkdir -p /workspace/made/in && echo guest-wrote > /workspace/made/in/guest.txt",
+        ],
+    )
+    .ok();
+    assert_eq!(
+        std::fs::read_to_string(pen.ws.join("made/in/guest.txt")).unwrap(),
+        "guest-wrote\n"
+    );
+
+    // A change on the host after the guest has looked is seen too.
+    std::fs::write(pen.ws.join("sub/host.txt"), "changed").unwrap();
+    let out = pen.exec("ws", &["cat", "/workspace/sub/host.txt"]).ok();
+    assert_eq!(out.stdout_str(), "changed", "{out}");
+
+    // Sessions start in /workspace.
+    let out = pen.exec("ws", &["pwd"]).ok();
+    assert_eq!(out.stdout_str(), "/workspace\n", "{out}");
+}
+
+#[test]
+fn env_reaches_the_guest_and_never_touches_a_disk_or_an_argv() {
+    let pen = Pen::new("env");
+    let a = random_token("pen-env-a-");
+    let b = random_token("pen-env-b-");
+    let c = random_token("pen-env-c-");
+    let start = pen.create_args(
+        "start",
+        "env",
+        &["--env", &format!("PEN_A={a}"), "--env-from-host", "PEN_B"],
+    );
+    let mut cmd = pen.cmd(&start);
+    cmd.env("PEN_B", &b);
+    run_cmd(cmd, None, TIMEOUT).ok();
+
+    // Env given at start reaches every session; env given to one exec reaches that one.
+    let out = pen
+        .exec("env", &["sh", "-c", "printf '%s|%s' \"$PEN_A\" \"$PEN_B\""])
+        .ok();
+    assert_eq!(out.stdout_str(), format!("{a}|{b}"), "{out}");
+    let mut exec = pen.create_args("exec", "env", &["--env", &format!("PEN_C={c}")]);
+    exec.extend(["--", "sh", "-c", "printf '%s' \"$PEN_C\""].map(String::from));
+    let out = pen.run(&exec).ok();
+    assert_eq!(out.stdout_str(), c, "{out}");
+
+    let search = |when: &str| {
+        for value in [&a, &b, &c] {
+            // $PEN_HOME holds console.log, vm.json, the overlay disk and the logs. Its
+            // `images` is a symlink to the shared images, which no VM writes: not followed.
+            for dir in [&pen.home, &pen.ws] {
+                let found = files_containing(dir, value.as_bytes());
+                assert!(found.is_empty(), "{when}: env value found in {found:?}");
+            }
+            let in_argv: Vec<_> = processes()
+                .into_iter()
+                .filter(|p| p.argv.iter().any(|arg| arg.contains(value.as_str())))
+                .collect();
+            assert!(
+                in_argv.is_empty(),
+                "{when}: env value in an argv: {in_argv:#?}"
+            );
+        }
+    };
+    search("while running");
+    pen.run(&["stop", "env"]).ok();
+    search("after stop");
+}
+
+#[test]
+fn list_stop_delete() {
+    let pen = Pen::new("list");
+    assert!(pen.list().is_empty());
+    pen.start("lst");
+
+    let row = pen.row("lst").expect("listed");
+    assert_eq!(row["status"], "running", "{row}");
+    let lock = std::fs::read_to_string(pen.vm_dir("lst").join("lock")).unwrap();
+    assert_eq!(
+        row["pid"].as_u64(),
+        lock.trim().parse::<u64>().ok(),
+        "{row}"
+    );
+    assert_eq!(row["cpus"], 1, "{row}");
+    assert_eq!(row["memory_mb"], 1024, "{row}");
+    assert_eq!(row["disk_size"], 2u64 << 30, "{row}");
+    assert_eq!(row["profile"], serde_json::Value::Null, "{row}");
+    assert_eq!(
+        row["dir"].as_str(),
+        Some(pen.ws.canonicalize().unwrap().to_str().unwrap()),
+        "{row}"
+    );
+    assert!(row["created_at"].as_u64().is_some_and(|t| t > 0), "{row}");
+    let out = pen.run(&["ls"]).ok();
+    let text = out.stdout_str();
+    assert!(text.starts_with("NAME"), "{out}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("lst ") && l.contains("running")),
+        "{out}"
+    );
+
+    // A running VM is not deleted without --force.
+    pen.run(&["delete", "lst"])
+        .usage_error(&["running", "--force"]);
+    assert!(pen.vm_dir("lst").join("vm.json").exists());
+    assert_eq!(pen.status("lst"), "running");
+
+    pen.run(&["stop", "lst"]).ok();
+    let row = pen.row("lst").expect("still listed");
+    assert_eq!(row["status"], "stopped", "{row}");
+    assert_eq!(row["pid"], serde_json::Value::Null, "{row}");
+    assert!(pen.qemu_pids("lst").is_empty());
+    pen.run(&["stop", "lst"]).fails_with(None, &["not running"]);
+
+    pen.run(&["logs", "lst"]).ok();
+
+    pen.run(&["rm", "lst"]).ok();
+    assert!(!pen.vm_dir("lst").exists(), "vms/lst is still there");
+    assert!(pen.list().is_empty());
+    pen.run(&["delete", "lst"]).usage_error(&["no VM named"]);
+
+    // --force deletes a running VM, stopping it first.
+    pen.start("lst2");
+    pen.run(&["delete", "--force", "lst2"]).ok();
+    assert!(!pen.vm_dir("lst2").exists());
+    assert!(pen.qemu_pids("lst2").is_empty());
+}
+
+#[test]
+fn started_vm_stays_up_exec_started_vm_stops() {
+    let pen = Pen::new("keepalive");
+    // Booted by exec: it powers off when the exec ends.
+    pen.exec("auto", &["true"]).ok();
+    pen.wait_status("auto", "stopped", Duration::from_secs(60));
+    assert!(wait_until(Duration::from_secs(10), || pen
+        .qemu_pids("auto")
+        .is_empty()));
+
+    // Booted by `pen start`: sessions come and go, it stays.
+    pen.start("auto");
+    pen.exec("auto", &["true"]).ok();
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(pen.status("auto"), "running");
+    assert_eq!(pen.qemu_pids("auto").len(), 1);
+    pen.run(&["stop", "auto"]).ok();
+    assert_eq!(pen.status("auto"), "stopped");
+}
+
+#[test]
+fn a_second_session_attaches_to_the_running_vm() {
+    let pen = Pen::new("attach");
+    pen.start("att");
+    let qemu = pen.qemu_pids("att");
+    assert_eq!(qemu.len(), 1);
+
+    // `pen shell` without a terminal: a plain shell reading commands from stdin.
+    let shell = pen.create_args("shell", "att", &[]);
+    let out = pen
+        .run_stdin(&shell, b"echo attached-$((6 * 7))\nhostname\nexit 5\n")
+        .code_is(5);
+    assert_eq!(out.stdout_str(), "attached-42\natt\n", "{out}");
+    assert_eq!(pen.qemu_pids("att"), qemu, "a second QEMU was started");
+    assert_eq!(pen.status("att"), "running");
+}
+
+/// Samples the QEMU processes of VM `name` until told to stop; returns every pid seen.
+fn watch_qemus(pen: &Pen, name: &str, done: &AtomicBool) -> BTreeSet<u32> {
+    let mut seen = BTreeSet::new();
+    while !done.load(Ordering::Relaxed) {
+        seen.extend(pen.qemu_pids(name));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    seen
+}
+
+/// Two `pen exec` start the VM at the same moment: both succeed, one QEMU ever runs.
+fn race(pen: &Pen, name: &str) {
+    let done = Arc::new(AtomicBool::new(false));
+    let seen = std::thread::scope(|s| {
+        let watcher = s.spawn(|| watch_qemus(pen, name, &done));
+        let runs: Vec<_> = ["a", "b"]
+            .iter()
+            .map(|tag| {
+                pen.spawn(
+                    &pen.exec_args(name, &["sh", "-c", &format!("sleep 3; echo {tag}")]),
+                    None,
+                )
+            })
+            .collect();
+        for (run, tag) in runs.into_iter().zip(["a", "b"]) {
+            let out = run.wait(TIMEOUT).ok();
+            assert_eq!(out.stdout_str(), format!("{tag}\n"), "{out}");
+        }
+        done.store(true, Ordering::Relaxed);
+        watcher.join().unwrap()
+    });
+    assert_eq!(seen.len(), 1, "QEMU processes seen for one VM: {seen:?}");
+    let log = std::fs::read_to_string(pen.vm_dir(name).join("supervisor.log")).unwrap_or_default();
+    assert!(
+        log.matches("starting qemu").count() <= 1,
+        "the supervisor log shows more than one QEMU start:\n{log}"
+    );
+}
+
+#[test]
+fn racing_execs_start_one_vm() {
+    let pen = Pen::new("race");
+    // A VM that does not exist yet (both create it), then one that exists but is stopped.
+    race(&pen, "rc");
+    pen.wait_status("rc", "stopped", Duration::from_secs(60));
+    race(&pen, "rc");
+}
+
+#[test]
+fn killing_the_supervisor_leaves_no_qemu_or_virtiofsd() {
+    let pen = Pen::new("orphans");
+    pen.start("orph");
+    let pid: u32 = std::fs::read_to_string(pen.vm_dir("orph").join("lock"))
+        .unwrap()
+        .trim()
+        .parse()
+        .expect("the lock holds the supervisor's pid");
+    let before = pen.leftover_processes();
+    assert!(
+        before.iter().any(|p| p.argv[0].contains("qemu-system")),
+        "no QEMU found for the VM: {before:#?}"
+    );
+    assert!(
+        before.iter().any(|p| p.argv[0].contains("virtiofsd")),
+        "no virtiofsd found for the VM: {before:#?}"
+    );
+    kill9(pid);
+    assert!(
+        wait_until(Duration::from_secs(5), || pen
+            .leftover_processes()
+            .is_empty()),
+        "left behind 5 s after the supervisor was killed: {:#?}",
+        pen.leftover_processes()
+    );
+    assert_eq!(pen.status("orph"), "stopped");
+    // Stale sockets do not stand in the way of the next start.
+    let out = pen.exec("orph", &["echo", "back"]).ok();
+    assert_eq!(out.stdout_str(), "back\n");
+}
