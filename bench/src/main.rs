@@ -6,7 +6,11 @@
 //!   exited in the guest. (b0), the same run's guest agent `Hello` (kernel + stage 1 up to
 //!   the snapshot point), is printed as a breakdown;
 //! * (c) `pen exec NAME -- true` on a running VM;
-//! * (d) host memory (RSS and PSS) of QEMU + virtiofsd + supervisor for one idle VM.
+//! * (d) host memory (RSS and PSS) of QEMU + virtiofsd + supervisor for one idle VM;
+//! * snapshots (see `snapshots.rs`): (s) `pen exec NAME -- true` on a stopped VM restored
+//!   from its image's snapshot, against (a) which boots cold (`--no-snapshot`); (r) time to
+//!   the guest's Ready and (p) to an interactive `pen shell` prompt, cold and restored;
+//!   (m) host memory of 1 and of 4 idle VMs restored from one snapshot.
 //!
 //! Usage: `pen-bench [--pen PATH] [--reps N] [--images DIR] [--memory MB]`.
 
@@ -24,7 +28,11 @@ use pen_proto::{
 use tokio::net::UnixStream;
 use tokio_util::codec::Framed;
 
+mod snapshots;
+
 const VM: &str = "bench";
+/// VMs of the multi-VM memory measurement (m).
+const MANY: [&str; 4] = ["bench-m1", "bench-m2", "bench-m3", "bench-m4"];
 
 struct Opts {
     pen: PathBuf,
@@ -156,7 +164,9 @@ fn main() -> anyhow::Result<()> {
     let env = Env { opts, home, ws };
     let result = run(&env);
     // Whatever happened, leave nothing running.
-    let _ = env.pen(&["stop", "--force", VM]).status();
+    for name in std::iter::once(VM).chain(MANY) {
+        let _ = env.pen(&["stop", "--force", name]).status();
+    }
     let _ = std::fs::remove_dir_all(&root);
     result
 }
@@ -167,28 +177,63 @@ fn run(env: &Env) -> anyhow::Result<()> {
     let ws = env.ws.to_string_lossy().into_owned();
     eprintln!("pen-bench: {} ({} reps)", env.opts.pen.display(), reps);
 
-    // First boot: builds the image if needed, formats the overlay. Not measured.
+    // First boot: builds the image if needed, formats the overlay, saves the image's
+    // snapshot if there is none. Not measured.
     env.timed(&["exec", VM, "--dir", &ws, "--memory", &memory, "--", "true"])?;
     env.wait_stopped()?;
+    let log = env.vm_dir().join("supervisor.log");
 
-    // (a) and (b) alternate, so that a change in the host's load (a shared machine) hits
-    // both alike. (a) cold exec: boot, session, exit; the power-off after it is not
+    // (a), (b) and (s) alternate, so that a change in the host's load (a shared machine)
+    // hits all alike. (a) cold exec: boot, session, exit; the power-off after it is not
     // counted, but the next run waits for it. (b) the floor, with the command lines pen
-    // just used.
-    let (vfsd_argv, qemu_argv) = launch_lines(&env.vm_dir().join("supervisor.log"))?;
+    // used in (a). (s) the same exec, restored from the snapshot.
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     let (mut cold, mut floor, mut hello) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut snap, mut cold_ready, mut snap_ready) = (Vec::new(), Vec::new(), Vec::new());
+    let mut launch: Option<(Vec<String>, Vec<String>)> = None;
     for _ in 0..reps {
-        cold.push(env.timed(&["exec", VM, "--", "true"])?);
+        cold.push(env.timed(&["exec", VM, "--no-snapshot", "--", "true"])?);
+        cold_ready.push(snapshots::ready_ms(&log)?);
         env.wait_stopped()?;
-        let (h, done) = rt.block_on(floor_run(&vfsd_argv, &qemu_argv))?;
+        if launch.is_none() {
+            let (vfsd, qemu) = launch_lines(&log)?;
+            let qemu = snapshots::floor_qemu_argv(
+                &qemu,
+                &env.vm_dir().join("overlay.img"),
+                &snapshots::vfs_socket(&vfsd)?,
+            )?;
+            launch = Some((vfsd, qemu));
+        }
+        let (vfsd_argv, qemu_argv) = launch.as_ref().expect("set above");
+        let (h, done) = rt.block_on(floor_run(vfsd_argv, qemu_argv))?;
         hello.push(h);
         floor.push(done);
+        snap.push(env.timed(&["exec", VM, "--", "true"])?);
+        if !snapshots::restored(&log) {
+            bail!(
+                "the snapshot start of {VM} booted cold; see {}",
+                log.display()
+            );
+        }
+        snap_ready.push(snapshots::ready_ms(&log)?);
+        env.wait_stopped()?;
     }
-    eprintln!("pen-bench: (a) {cold:?}");
+    let qemu_argv = launch.map(|(_, q)| q).unwrap_or_default();
+    eprintln!("pen-bench: (a) {cold:?} (ready {cold_ready:?})");
     eprintln!("pen-bench: (b) {floor:?} (hello {hello:?})");
+    eprintln!("pen-bench: (s) {snap:?} (ready {snap_ready:?})");
+
+    // (p) an interactive prompt, cold and restored.
+    let (mut cold_prompt, mut snap_prompt) = (Vec::new(), Vec::new());
+    for _ in 0..reps {
+        cold_prompt.push(snapshots::time_to_prompt(env, VM, &["--no-snapshot"])?);
+        env.wait_stopped()?;
+        snap_prompt.push(snapshots::time_to_prompt(env, VM, &[])?);
+        env.wait_stopped()?;
+    }
+    eprintln!("pen-bench: (p) cold {cold_prompt:?}, restored {snap_prompt:?}");
 
     // (c) warm exec on a VM kept up by `pen start`.
     env.timed(&["start", VM])?;
@@ -224,7 +269,26 @@ fn run(env: &Env) -> anyhow::Result<()> {
     }
     env.timed(&["stop", VM])?;
 
+    // (m) 1 and 4 idle VMs restored from one snapshot, measured once all 4 run.
+    for name in MANY {
+        env.timed(&["start", name, "--dir", &ws, "--memory", &memory])?;
+    }
+    std::thread::sleep(Duration::from_secs(5));
+    let mut many_kb = Vec::new();
+    for name in MANY {
+        many_kb.push(snapshots::vm_memory_kb(snapshots::supervisor_of(
+            &env.home, name,
+        )?)?);
+    }
+    for name in MANY {
+        env.timed(&["stop", name])?;
+        env.timed(&["delete", "--force", name])?;
+    }
+
     let (a, b, b0, c) = (median(cold), median(floor), median(hello), median(warm));
+    let (s_, ra, rs) = (median(snap), median(cold_ready), median(snap_ready));
+    let (pa, ps) = (median(cold_prompt), median(snap_prompt));
+    let (one, four) = (many_kb[0], many_kb.iter().sum::<u64>());
     let date = Command::new("date")
         .arg("-u")
         .arg("+%Y-%m-%d")
@@ -260,6 +324,30 @@ fn run(env: &Env) -> anyhow::Result<()> {
         "| (d) host memory, idle VM: QEMU + virtiofsd + supervisor | {} MiB RSS, {} MiB PSS |",
         rss / 1024,
         pss / 1024
+    );
+    println!(
+        "| (s) snapshot `pen exec {VM} -- true` (stopped VM) | {} |",
+        ms(s_)
+    );
+    println!(
+        "| **a/s** | **{:.1}x** |",
+        a.as_secs_f64() / s_.as_secs_f64()
+    );
+    println!(
+        "| (r) supervisor start to guest Ready: cold / snapshot | {} / {} |",
+        ms(ra),
+        ms(rs)
+    );
+    println!(
+        "| (p) `pen shell {VM}` to its prompt: cold / snapshot | {} / {} |",
+        ms(pa),
+        ms(ps)
+    );
+    println!(
+        "| (m) host memory, idle VMs restored from one snapshot: 1 / 4 | {} MiB / {} MiB ({:.1}x) |",
+        one / 1024,
+        four / 1024,
+        four as f64 / one.max(1) as f64
     );
     println!();
     println!("(d) by process: {}", rows.join("; "));

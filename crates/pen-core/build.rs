@@ -37,13 +37,18 @@ fn main() {
     // Hashed here, not at run time: every `pen` command compares it with base.json.
     use sha2::Digest;
     let bytes = std::fs::read(&binary).expect("reading pen-init");
-    println!("cargo:rustc-env=PEN_INIT_SHA256={}", hex::encode(sha2::Sha256::digest(bytes)));
+    println!(
+        "cargo:rustc-env=PEN_INIT_SHA256={}",
+        hex::encode(sha2::Sha256::digest(bytes))
+    );
 }
 
 fn build_pen_init(workspace: &std::path::Path) -> Option<PathBuf> {
     const TARGET: &str = "x86_64-unknown-linux-gnu";
+    // A relative CARGO_TARGET_DIR is relative to where cargo runs (the workspace); the
+    // path must be absolute because the library include_bytes!() it from its own source dir.
     let target_dir = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
+        .map(|dir| workspace.join(dir))
         .unwrap_or_else(|| workspace.join("target"))
         .join("guest");
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());

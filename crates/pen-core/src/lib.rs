@@ -4,7 +4,9 @@
 //! * [`names`], [`size`]: validation of user input.
 //! * [`vm`]: a VM's recorded configuration (`vm.json`), its lock, its status.
 //! * [`image`]: building and listing the base image (kernel, initrd, root squashfs).
-//! * [`accel`], [`qemu`], [`virtiofsd`]: host capabilities and the processes a VM needs.
+//! * [`accel`], [`qemu`], [`virtiofsd`]: host capabilities and the processes a VM needs;
+//!   [`qmp`] talks to a running QEMU.
+//! * [`snapshot`]: saved guest state that starts a VM without a kernel boot.
 //! * [`supervisor`]: the per-VM process that owns QEMU, virtiofsd, the lock and the agent link.
 //! * [`client`]: `pen shell` / `pen exec` / `pen stop` as clients of a supervisor.
 //! * [`doctor`]: host dependency checks.
@@ -21,7 +23,9 @@ pub mod paths;
 pub mod profile;
 pub mod progress;
 pub mod qemu;
+pub mod qmp;
 pub mod size;
+pub mod snapshot;
 pub mod supervisor;
 pub mod virtiofsd;
 pub mod vm;

@@ -4,17 +4,36 @@
 //! value: every path is escaped with [`opt_value`] (QEMU's own rule: `,` becomes `,,`).
 //! Sockets and the console use explicit `-chardev` objects so that escaping applies to them
 //! too (the legacy `-serial file:` and `-qmp unix:` forms have their own parsers).
+//!
+//! Device layout (version [`DEVICE_LAYOUT_VERSION`]): the command line holds only what every
+//! VM of an image shares, so that a snapshot taken at the stage-1 point serves them all: root
+//! disk, network, RNG, the agent port, and empty PCIe root ports. What belongs to one VM,
+//! its overlay disk and the workspace device, is hot-plugged into those ports over QMP
+//! ([`hotplug_commands`]) after the snapshot point, on cold boots and restores alike: the
+//! guest kernel would otherwise remember another VM's disk size, and QEMU 7.2 cannot
+//! migrate vhost-user-fs at all.
 
 use std::ffi::{OsStr, OsString};
 use std::path::{Path, PathBuf};
 
 use pen_proto::{AGENT_PORT_NAME, OVERLAY_DISK_SERIAL, ROOT_DISK_SERIAL, WORKSPACE_TAG};
+use serde_json::{json, Value};
 
 use crate::accel::Accel;
 
 /// Kernel command line. `panic=-1` with `-no-reboot` makes a guest panic end QEMU instead
 /// of hanging; pen-init talks to the host over the agent port, so the console stays quiet.
 pub const KERNEL_CMDLINE: &str = "console=ttyS0 panic=-1 quiet loglevel=3 rdinit=/init";
+
+/// QEMU machine type.
+pub const MACHINE: &str = "q35";
+
+/// Bumped whenever the devices on the command line (what a snapshot contains) change.
+pub const DEVICE_LAYOUT_VERSION: u32 = 1;
+
+/// PCIe root ports the per-VM devices are hot-plugged into.
+const OVERLAY_PORT: &str = "pen-rp-overlay";
+const WORKSPACE_PORT: &str = "pen-rp-workspace";
 
 #[derive(Debug, Clone)]
 pub struct QemuSpec {
@@ -25,20 +44,64 @@ pub struct QemuSpec {
     pub initrd: PathBuf,
     /// Read-only root image (squashfs).
     pub rootfs: PathBuf,
-    /// The VM's read/write overlay disk (raw).
+    /// Descriptor number, in QEMU's process, of the memfd holding guest RAM (pen creates
+    /// it, so that it can copy RAM in and out for snapshots).
+    pub ram_fd: i32,
+    /// Start paused, waiting for `migrate-incoming` (a snapshot restore).
+    pub incoming: bool,
+    /// The VM's read/write overlay disk (raw); hot-plugged.
     pub overlay: PathBuf,
     /// Serial console output; truncated at each boot.
     pub console_log: PathBuf,
     pub qmp_socket: PathBuf,
     pub agent_socket: PathBuf,
-    /// virtiofsd's vhost-user socket; `None` boots without a workspace (builder VMs).
+    /// virtiofsd's vhost-user socket; `None` runs without a workspace (builder VMs).
+    /// Hot-plugged.
     pub virtiofs_socket: Option<PathBuf>,
+}
+
+/// The `-cpu` model for `accel`, as a snapshot identity names it: TCG's `max` is fixed by
+/// the QEMU binary; KVM's `host` is whatever this CPU is, so a digest of its model and
+/// flags is added.
+pub fn cpu_model(accel: Accel) -> String {
+    match accel {
+        Accel::Tcg => "max".into(),
+        Accel::Kvm => {
+            let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+            let first: String = cpuinfo
+                .lines()
+                .take_while(|l| !l.trim().is_empty())
+                .filter(|l| {
+                    [
+                        "vendor_id",
+                        "cpu family",
+                        "model",
+                        "model name",
+                        "stepping",
+                        "flags",
+                    ]
+                    .iter()
+                    .any(|k| l.split(':').next().map(str::trim) == Some(k))
+                })
+                .collect::<Vec<_>>()
+                .join("\n");
+            let digest = crate::image::sha256_hex(first.as_bytes());
+            format!("host:{}", &digest[..16])
+        }
+    }
 }
 
 /// `PEN_QEMU`, else `qemu-system-x86_64` from `PATH`.
 pub fn binary() -> anyhow::Result<PathBuf> {
     if let Some(path) = std::env::var_os("PEN_QEMU").filter(|v| !v.is_empty()) {
-        return Ok(PathBuf::from(path));
+        let path = PathBuf::from(path);
+        if !path.is_file() {
+            anyhow::bail!(
+                "PEN_QEMU={} does not exist; point it at qemu-system-x86_64, or unset it and install QEMU with `sudo apt-get install qemu-system-x86`",
+                path.display()
+            );
+        }
+        return Ok(path);
     }
     find_in_path("qemu-system-x86_64").ok_or_else(|| {
         anyhow::anyhow!(
@@ -97,8 +160,7 @@ pub fn args(spec: &QemuSpec) -> Vec<OsString> {
         "none",
         "-no-reboot",
     ]);
-    // vhost-user-fs needs guest RAM that virtiofsd can map: a shared memfd backend.
-    push(&["-machine", "q35,memory-backend=mem"]);
+    push(&["-machine", &format!("{MACHINE},memory-backend=mem")]);
     match spec.accel {
         Accel::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
         // One host thread per vCPU; QEMU's default for TCG is a single thread for all.
@@ -107,9 +169,14 @@ pub fn args(spec: &QemuSpec) -> Vec<OsString> {
     let cpus = spec.cpus.max(1).to_string();
     let mem = format!("{}M", spec.memory_mb);
     push(&["-smp", &cpus, "-m", &mem]);
+    // Guest RAM is pen's memfd, mapped shared: virtiofsd maps it too, and `x-ignore-shared`
+    // keeps it out of snapshot migration streams (pen copies it itself).
     push(&[
         "-object",
-        &format!("memory-backend-memfd,id=mem,size={mem},share=on"),
+        &format!(
+            "memory-backend-file,id=mem,size={mem},mem-path=/proc/self/fd/{},share=on",
+            spec.ram_fd
+        ),
     ]);
     a.push("-kernel".into());
     a.push(spec.kernel.clone().into());
@@ -142,14 +209,6 @@ pub fn args(spec: &QemuSpec) -> Vec<OsString> {
     ));
     a.push("-device".into());
     a.push(format!("virtio-blk-pci,drive=root,serial={ROOT_DISK_SERIAL}").into());
-    a.push("-drive".into());
-    a.push(opt_path_suffix(
-        "file=",
-        &spec.overlay,
-        ",if=none,id=overlay,format=raw,cache=writeback,discard=unmap",
-    ));
-    a.push("-device".into());
-    a.push(format!("virtio-blk-pci,drive=overlay,serial={OVERLAY_DISK_SERIAL}").into());
 
     let mut push = |items: &[&str]| a.extend(items.iter().map(OsString::from));
     push(&[
@@ -161,13 +220,6 @@ pub fn args(spec: &QemuSpec) -> Vec<OsString> {
         "virtio-rng-pci",
     ]);
 
-    if let Some(sock) = &spec.virtiofs_socket {
-        a.push("-chardev".into());
-        a.push(opt_path("socket,id=vfs,path=", sock));
-        a.push("-device".into());
-        a.push(format!("vhost-user-fs-pci,chardev=vfs,tag={WORKSPACE_TAG}").into());
-    }
-
     a.push("-device".into());
     a.push("virtio-serial-pci,id=vser0".into());
     a.push("-chardev".into());
@@ -178,7 +230,74 @@ pub fn args(spec: &QemuSpec) -> Vec<OsString> {
     ));
     a.push("-device".into());
     a.push(format!("virtserialport,bus=vser0.0,chardev=agent,name={AGENT_PORT_NAME}").into());
+
+    // Empty, for the hot-plugged per-VM devices. Every VM gets both, builder VMs included,
+    // so that one snapshot serves either.
+    for (chassis, port) in [(1, OVERLAY_PORT), (2, WORKSPACE_PORT)] {
+        a.push("-device".into());
+        a.push(format!("pcie-root-port,id={port},chassis={chassis},slot={chassis}").into());
+    }
+    if spec.incoming {
+        a.push("-incoming".into());
+        a.push("defer".into());
+    }
     a
+}
+
+/// QMP commands that attach the VM's own devices, in order: the overlay disk (image locking
+/// stays on, so a second QEMU on the same overlay fails instead of corrupting it) and, when
+/// the VM has a workspace, the virtio-fs device. Paths travel as JSON strings, so they must
+/// be UTF-8.
+pub fn hotplug_commands(spec: &QemuSpec) -> anyhow::Result<Vec<(&'static str, Value)>> {
+    let utf8 = |p: &Path| {
+        p.to_str()
+            .map(str::to_string)
+            .ok_or_else(|| anyhow::anyhow!("{} is not valid UTF-8", p.display()))
+    };
+    let mut cmds = vec![
+        (
+            "blockdev-add",
+            json!({
+                "node-name": "pen-overlay",
+                "driver": "raw",
+                "discard": "unmap",
+                "file": {"driver": "file", "filename": utf8(&spec.overlay)?, "discard": "unmap"},
+            }),
+        ),
+        (
+            "device_add",
+            json!({
+                "driver": "virtio-blk-pci",
+                "id": "pen-overlay-dev",
+                "bus": OVERLAY_PORT,
+                "drive": "pen-overlay",
+                "serial": OVERLAY_DISK_SERIAL,
+            }),
+        ),
+    ];
+    if let Some(sock) = &spec.virtiofs_socket {
+        cmds.push((
+            "chardev-add",
+            json!({
+                "id": "pen-vfs",
+                "backend": {"type": "socket", "data": {
+                    "addr": {"type": "unix", "data": {"path": utf8(sock)?}},
+                    "server": false,
+                }},
+            }),
+        ));
+        cmds.push((
+            "device_add",
+            json!({
+                "driver": "vhost-user-fs-pci",
+                "id": "pen-vfs-dev",
+                "bus": WORKSPACE_PORT,
+                "chardev": "pen-vfs",
+                "tag": WORKSPACE_TAG,
+            }),
+        ));
+    }
+    Ok(cmds)
 }
 
 #[cfg(test)]
@@ -193,6 +312,8 @@ mod tests {
             kernel: "/h/images/vmlinuz".into(),
             initrd: "/h/images/initrd".into(),
             rootfs: "/h/images/rootfs.sqfs".into(),
+            ram_fd: 7,
+            incoming: false,
             overlay: "/h/vms/dev/overlay.img".into(),
             console_log: "/h/vms/dev/console.log".into(),
             qmp_socket: "/run/pen/dev/qmp.sock".into(),
@@ -216,21 +337,70 @@ mod tests {
             line,
             "-nodefaults -no-user-config -display none -no-reboot \
              -machine q35,memory-backend=mem -accel tcg,thread=multi -cpu max -smp 2 -m 2048M \
-             -object memory-backend-memfd,id=mem,size=2048M,share=on \
+             -object memory-backend-file,id=mem,size=2048M,mem-path=/proc/self/fd/7,share=on \
              -kernel /h/images/vmlinuz -initrd /h/images/initrd \
              -append console=ttyS0 panic=-1 quiet loglevel=3 rdinit=/init \
              -chardev file,id=console,path=/h/vms/dev/console.log -serial chardev:console \
              -chardev socket,id=qmp,path=/run/pen/dev/qmp.sock,server=on,wait=off -mon chardev=qmp,mode=control \
              -drive file=/h/images/rootfs.sqfs,if=none,id=root,format=raw,readonly=on \
              -device virtio-blk-pci,drive=root,serial=pen-root \
-             -drive file=/h/vms/dev/overlay.img,if=none,id=overlay,format=raw,cache=writeback,discard=unmap \
-             -device virtio-blk-pci,drive=overlay,serial=pen-overlay \
              -netdev user,id=net0 -device virtio-net-pci,netdev=net0 -device virtio-rng-pci \
-             -chardev socket,id=vfs,path=/run/pen/dev/virtiofs.sock -device vhost-user-fs-pci,chardev=vfs,tag=workspace \
              -device virtio-serial-pci,id=vser0 \
              -chardev socket,id=agent,path=/run/pen/dev/agent.sock,server=on,wait=off \
-             -device virtserialport,bus=vser0.0,chardev=agent,name=org.pen.agent"
+             -device virtserialport,bus=vser0.0,chardev=agent,name=org.pen.agent \
+             -device pcie-root-port,id=pen-rp-overlay,chassis=1,slot=1 \
+             -device pcie-root-port,id=pen-rp-workspace,chassis=2,slot=2"
         );
+    }
+
+    #[test]
+    fn restores_wait_for_incoming_state() {
+        let mut s = spec(Accel::Tcg);
+        s.incoming = true;
+        assert!(joined(&s).ends_with(" -incoming defer"));
+    }
+
+    #[test]
+    fn per_vm_devices_are_hotplugged_not_on_the_command_line() {
+        let s = spec(Accel::Tcg);
+        let line = joined(&s);
+        assert!(!line.contains("overlay.img"), "{line}");
+        assert!(!line.contains("vhost-user-fs"), "{line}");
+        let cmds = hotplug_commands(&s).unwrap();
+        let names: Vec<&str> = cmds.iter().map(|(c, _)| *c).collect();
+        assert_eq!(
+            names,
+            ["blockdev-add", "device_add", "chardev-add", "device_add"]
+        );
+        assert_eq!(
+            cmds[0].1["file"]["filename"], "/h/vms/dev/overlay.img",
+            "{:?}",
+            cmds[0]
+        );
+        assert_eq!(cmds[1].1["bus"], OVERLAY_PORT);
+        assert_eq!(cmds[1].1["serial"], "pen-overlay");
+        assert_eq!(
+            cmds[2].1["backend"]["data"]["addr"]["data"]["path"],
+            "/run/pen/dev/virtiofs.sock"
+        );
+        assert_eq!(cmds[3].1["bus"], WORKSPACE_PORT);
+        assert_eq!(cmds[3].1["tag"], "workspace");
+    }
+
+    #[test]
+    fn builder_vms_hotplug_only_the_overlay() {
+        let mut s = spec(Accel::Tcg);
+        s.virtiofs_socket = None;
+        let cmds = hotplug_commands(&s).unwrap();
+        assert_eq!(cmds.len(), 2);
+        // The ports are there regardless: one snapshot serves both modes.
+        assert!(joined(&s).contains("pen-rp-workspace"));
+    }
+
+    #[test]
+    fn cpu_models() {
+        assert_eq!(cpu_model(Accel::Tcg), "max");
+        assert!(cpu_model(Accel::Kvm).starts_with("host:"));
     }
 
     #[test]
@@ -241,23 +411,15 @@ mod tests {
     }
 
     #[test]
-    fn no_workspace_device_without_socket() {
-        let mut s = spec(Accel::Tcg);
-        s.virtiofs_socket = None;
-        let line = joined(&s);
-        assert!(!line.contains("vhost-user-fs"), "{line}");
-    }
-
-    #[test]
     fn commas_in_paths_are_escaped() {
         let mut s = spec(Accel::Tcg);
-        s.overlay = "/home/a,b/overlay.img".into();
+        s.rootfs = "/home/a,b/rootfs.sqfs".into();
         s.kernel = "/k,1".into();
         let a = args(&s);
         assert!(a.iter().any(|x| x
             .to_str()
             .unwrap()
-            .starts_with("file=/home/a,,b/overlay.img,if=none")));
+            .starts_with("file=/home/a,,b/rootfs.sqfs,if=none")));
         // -kernel takes a plain path, not an option string.
         assert!(a.iter().any(|x| x == "/k,1"));
     }

@@ -35,6 +35,12 @@ pub const INSTALL_HINT: &str = "install it with `sudo apt-get install virtiofsd`
 /// `PEN_VIRTIOFSD`, the distribution paths, then `PATH`; runs `--help` to learn the flavour.
 pub fn find() -> anyhow::Result<Virtiofsd> {
     let path = locate().ok_or_else(|| anyhow::anyhow!("virtiofsd not found; {INSTALL_HINT}"))?;
+    if !path.is_file() {
+        anyhow::bail!(
+            "virtiofsd {} does not exist; {INSTALL_HINT}",
+            path.display()
+        );
+    }
     let flavour = probe(&path)?;
     Ok(Virtiofsd { path, flavour })
 }

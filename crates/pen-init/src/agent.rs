@@ -79,7 +79,11 @@ pub async fn run(started: Instant) {
     if let Err(e) = root {
         fail(Some(&link), e).await;
     }
-    step("root image mounted; awaiting config");
+    let warmed = boot::prefetch::warm(Path::new(boot::SYSROOT));
+    step(&format!(
+        "root image mounted, {} KB prefetched; awaiting config",
+        warmed / 1024
+    ));
 
     // ---- snapshot point: nothing belonging to one VM has been touched yet ----
     let config = await_config(&link, &mut incoming).await;

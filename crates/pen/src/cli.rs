@@ -108,6 +108,8 @@ pub enum ImageCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Remove stale snapshots (of images, QEMU or pen versions that are gone).
+    Prune,
 }
 
 #[derive(Debug, Subcommand)]
@@ -147,4 +149,7 @@ pub struct CreateArgs {
     /// Accelerator: kvm or tcg (default: kvm when usable; also PEN_ACCEL).
     #[arg(long, value_name = "kvm|tcg")]
     pub accel: Option<String>,
+    /// Boot the kernel instead of restoring the image's snapshot (and save none).
+    #[arg(long)]
+    pub no_snapshot: bool,
 }

@@ -91,6 +91,26 @@ pub fn run(command: Command) -> anyhow::Result<i32> {
         Command::Image {
             command: ImageCommand::List { json },
         } => image_list(&home, json),
+        Command::Image {
+            command: ImageCommand::Prune,
+        } => {
+            let pruned = pen_core::snapshot::prune(&home);
+            for p in &pruned {
+                println!(
+                    "removed snapshot {} ({}): {}",
+                    pen_core::snapshot::short_key(&p.key),
+                    size::human(p.size),
+                    p.reason
+                );
+            }
+            let total: u64 = pruned.iter().map(|p| p.size).sum();
+            println!(
+                "{} stale snapshot(s), {} freed",
+                pruned.len(),
+                size::human(total)
+            );
+            Ok(0)
+        }
         Command::Version => {
             println!(
                 "pen {} (protocol {}, pen-init {})",
@@ -142,6 +162,11 @@ fn prepare(home: &PenHome, name: Option<&str>, args: &CreateArgs) -> anyhow::Res
     let paths = VmPaths::new(home, &name);
     let existing = VmConfig::load(&paths)?;
     let running = vm::status(&paths).0 == Status::Running;
+    if !running {
+        // Before vm.json is written: a host that cannot run the VM leaves nothing behind.
+        pen_core::qemu::binary()?;
+        pen_core::virtiofsd::find()?;
+    }
     let default_dir = check_dir(Path::new("."))?;
     if let Some(loaded) = &loaded {
         match &existing {
@@ -270,8 +295,8 @@ fn start(
 ) -> anyhow::Result<Vec<(String, String)>> {
     let env = resolve_env(args)?;
     let base = image::ensure_base(home)?;
-    let (rootfs, setup_script) = match &vm.profile {
-        None => (base.rootfs.clone(), None),
+    let (rootfs, setup_script, image_id) = match &vm.profile {
+        None => (base.rootfs.clone(), None, base.manifest.image_id.clone()),
         Some(name) => {
             let loaded = profile::load(home, name).map_err(|e| {
                 anyhow::anyhow!(
@@ -281,7 +306,8 @@ fn start(
             })?;
             let rootfs = profile_image::ensure(home, &loaded, &base)?;
             note_setup_change(vm, &loaded);
-            (rootfs, loaded.profile.setup.clone())
+            let image_id = pen_core::snapshot::profile_image_id(&base.manifest.image_id, &rootfs);
+            (rootfs, loaded.profile.setup.clone(), image_id)
         }
     };
     client::ensure_running(
@@ -297,6 +323,8 @@ fn start(
             setup_script,
             quiet: false,
             mode: pen_proto::BootMode::Shell,
+            image_id,
+            no_snapshot: args.no_snapshot,
         },
     )?;
     Ok(env)

@@ -19,7 +19,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use futures::{SinkExt, StreamExt};
-use pen_proto::{ExecRequest, Frame, FrameCodec, Message, TtyRequest, CONTROL, PROTOCOL_VERSION};
+use pen_proto::{
+    BootMode, ExecRequest, ExitStatus, Frame, FrameCodec, Message, TtyRequest, CLIENT_SESSION,
+    CONTROL, PROTOCOL_VERSION,
+};
 use tokio::net::UnixStream;
 use tokio_util::codec::Framed;
 
@@ -45,6 +48,14 @@ pub struct StartOptions {
     pub setup_script: Option<String>,
     /// No boot progress display (setup output and the TCG notice are still shown).
     pub quiet: bool,
+    /// `Build` boots an image builder VM: no workspace, and the VM's `dir` need not exist.
+    pub mode: BootMode,
+    /// Identity of `kernel` + `initrd` + `rootfs`, the key of their snapshots: it must
+    /// change whenever any of the three does (the base image's `image_id`; for a profile
+    /// image, one covering its root image too). Empty: no snapshots.
+    pub image_id: String,
+    /// `--no-snapshot`: boot cold, neither restoring nor saving a snapshot.
+    pub no_snapshot: bool,
 }
 
 /// How long a VM may sit locked but not answering (a supervisor starting up or shutting
@@ -97,6 +108,9 @@ pub fn ensure_running(home: &PenHome, vm: &VmConfig, opts: StartOptions) -> anyh
             initrd: opts.initrd.clone(),
             rootfs: opts.rootfs.clone(),
             setup_script: opts.setup_script.clone(),
+            mode: opts.mode,
+            image_id: opts.image_id.clone(),
+            no_snapshot: opts.no_snapshot,
         };
         match spawn_supervisor(home, &paths, &vm.name, &params, &choice, opts.quiet)? {
             // Hold the VM for our session; if it is gone already, the loop starts it again.
@@ -147,6 +161,52 @@ pub fn exec(
         tty,
     };
     run_session(home, name, request, session::Kind::Exec)
+}
+
+/// Runs `argv` in VM `name` for a program rather than a user (the image builder): no TTY,
+/// empty stdin, no signal handling; this process's own stdin is never read. Output is
+/// written to `stdout`/`stderr` frame by frame as it arrives (a `tar` of the guest's root
+/// streams through here), so a slow writer slows the guest down rather than filling memory.
+///
+/// Like [`exec`], it releases the hold [`ensure_running`] took: a VM started without
+/// `keep_running` stops when this session ends. Start builder VMs with `keep_running` to
+/// run several commands, then [`stop`] them.
+pub fn run_captured(
+    home: &PenHome,
+    name: &str,
+    argv: Vec<String>,
+    env: Vec<(String, String)>,
+    stdout: &mut dyn Write,
+    stderr: &mut dyn Write,
+) -> anyhow::Result<ExitStatus> {
+    let paths = VmPaths::new(home, name);
+    let rt = runtime()?;
+    rt.block_on(async {
+        let mut conn = connect(&paths)
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("VM {name} is not running"))?;
+        match wait_ready(&mut conn, |_| {}).await? {
+            Readiness::Ready => {}
+            Readiness::Stopping => anyhow::bail!("VM {name} is stopping"),
+            Readiness::Failed(msg) => anyhow::bail!(msg),
+            Readiness::Gone => anyhow::bail!("VM {name} stopped"),
+        }
+        release_hold();
+        let request = ExecRequest {
+            argv,
+            env,
+            cwd: None,
+            tty: None,
+        };
+        conn.framed
+            .send(Frame::new(CLIENT_SESSION, Message::Exec(request)))
+            .await?;
+        // End of input right away: the process must never wait for stdin.
+        conn.framed
+            .send(Frame::new(CLIENT_SESSION, Message::Stdin(Vec::new())))
+            .await?;
+        session::relay_output(&mut conn, name, stdout, stderr).await
+    })
 }
 
 /// Stops VM `name`: the guest syncs and powers off; `force` kills QEMU when it does not

@@ -2,8 +2,10 @@
 
 use std::io::{Read, Write};
 
+use anyhow::Context;
+
 use futures::{SinkExt, StreamExt};
-use pen_proto::{ExecRequest, Frame, Message, CLIENT_SESSION};
+use pen_proto::{ExecRequest, ExitStatus, Frame, Message, CLIENT_SESSION};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 
@@ -102,6 +104,46 @@ pub(super) async fn run(
             conn.framed
                 .send(Frame::new(CLIENT_SESSION, message))
                 .await?;
+        }
+    }
+}
+
+/// Writes a session's output to `stdout`/`stderr` as it arrives, until its exit status.
+/// Each write blocks this (current-thread) runtime, so a slow consumer is backpressure.
+pub(super) async fn relay_output(
+    conn: &mut Conn,
+    name: &str,
+    stdout: &mut dyn Write,
+    stderr: &mut dyn Write,
+) -> anyhow::Result<ExitStatus> {
+    loop {
+        let frame = match conn.framed.next().await {
+            Some(Ok(Ok(frame))) => frame,
+            Some(Ok(Err(bad))) => {
+                anyhow::bail!("malformed frame from VM {name}'s supervisor: {bad}")
+            }
+            Some(Err(e)) => anyhow::bail!("lost the connection to VM {name}: {e}"),
+            None => anyhow::bail!("lost the connection to VM {name}"),
+        };
+        if frame.session != CLIENT_SESSION {
+            continue;
+        }
+        match frame.message {
+            Message::Stdout(bytes) => {
+                stdout
+                    .write_all(&bytes)
+                    .context("writing the command's output")?;
+                stdout.flush().context("writing the command's output")?;
+            }
+            Message::Stderr(bytes) => {
+                stderr
+                    .write_all(&bytes)
+                    .context("writing the command's errors")?;
+                stderr.flush().context("writing the command's errors")?;
+            }
+            Message::Exit(status) => return Ok(status),
+            Message::Error(e) => anyhow::bail!(e),
+            _ => {}
         }
     }
 }

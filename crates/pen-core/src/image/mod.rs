@@ -176,6 +176,18 @@ pub fn list(home: &PenHome) -> Vec<ImageRow> {
             status: "missing (built on first use, or `pen image build --base`)".into(),
         }),
     }
+    for snap in crate::snapshot::list(home) {
+        rows.push(ImageRow {
+            name: format!("snap-{}", &snap.key[..snap.key.len().min(11)]),
+            kind: format!("snapshot: {}", snap.describe),
+            size: snap.size,
+            created_at: snap.created_at,
+            status: match snap.stale {
+                None => "ready".into(),
+                Some(why) => format!("stale: {why} (`pen image prune` removes it)"),
+            },
+        });
+    }
     rows
 }
 

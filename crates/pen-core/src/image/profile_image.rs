@@ -231,6 +231,9 @@ fn build_locked(
             setup_script: None,
             quiet: true,
             mode: pen_proto::BootMode::Build,
+            // The builder's home is temporary: a snapshot saved there would be thrown away.
+            image_id: String::new(),
+            no_snapshot: true,
         },
     )
     .context("the builder VM did not boot")?;
@@ -297,9 +300,10 @@ fn build_locked(
         if status.code() != 0 {
             keep_log(&log_tmp, &dir);
             bail!(
-                "profile {}: step `{step}` failed with exit status {}; last lines of {}:\n{}",
+                "profile {}: step `{step}` failed with exit status {}{}; last lines of {}:\n{}",
                 profile.name,
                 status.code(),
+                full_disk_note(&dir, free_bytes(&dir)),
                 dir.join("build.log").display(),
                 crate::supervisor::tail_lines(&dir.join("build.log"), 15)
             );
@@ -381,7 +385,13 @@ fn pack_guest_root(
         .stderr(Stdio::piped())
         .spawn()
         .context("starting tar2sqfs (install squashfs-tools-ng)")?;
-    let mut stdin = packer.stdin.take().expect("piped");
+    let dir = out.parent().unwrap_or(Path::new(".")).to_path_buf();
+    let mut stdin = FreeWatch {
+        inner: packer.stdin.take().expect("piped"),
+        dir: dir.clone(),
+        unchecked: 0,
+        min_free: None,
+    };
     let mut err = LogSink {
         log,
         progress,
@@ -406,6 +416,7 @@ fn pack_guest_root(
         &mut stdin,
         &mut err,
     );
+    let min_free = stdin.min_free;
     drop(stdin);
     let output = packer.wait_with_output()?;
     // The packer's failure comes first: when it dies, the stream only sees a broken pipe.
@@ -417,15 +428,7 @@ fn pack_guest_root(
             .trim()
             .to_string();
         // tar2sqfs reports ENOSPC as a bare "I/O error": say what it is.
-        let dir = out.parent().unwrap_or(Path::new("."));
-        let full = match free_bytes(dir) {
-            Some(free) if free < FULL_DISK_BYTES => format!(
-                "; no space left on the disk holding {} ({} free)",
-                dir.display(),
-                crate::size::human(free)
-            ),
-            _ => String::new(),
-        };
+        let full = full_disk_note(&dir, min_free);
         bail!("tar2sqfs failed ({}): {reason}{full}", output.status);
     }
     let status = streamed.context("streaming the builder's root")?;
@@ -438,14 +441,57 @@ fn pack_guest_root(
     Ok(())
 }
 
-/// Less free space than this after a failed pack means the disk filled up: tar2sqfs writes
-/// in blocks of at most a few MB, so a write that failed for room leaves less than that.
+/// Less free space than this, seen while packing or when a step failed, means the failure is
+/// a full disk: writes come in blocks of at most a few MB, so one refused for room leaves
+/// less than that.
 const FULL_DISK_BYTES: u64 = 16 << 20;
 
-/// Bytes an unprivileged process may still write on the filesystem holding `dir`.
+/// "; no space left on the disk holding DIR (N free)" when `free` says that disk is (nearly)
+/// full, else "". Added to a failed step's message: a full host disk shows in the builder as an
+/// I/O error (the scratch disk is a file there) and in tar2sqfs as a bare "I/O error".
+fn full_disk_note(dir: &Path, free: Option<u64>) -> String {
+    match free {
+        Some(free) if free < FULL_DISK_BYTES => format!(
+            "; no space left on the disk holding {} ({} free)",
+            dir.display(),
+            crate::size::human(free)
+        ),
+        _ => String::new(),
+    }
+}
+
+/// Bytes still writable on the filesystem holding `dir`.
 fn free_bytes(dir: &Path) -> Option<u64> {
     let st = nix::sys::statvfs::statvfs(dir).ok()?;
-    Some(st.blocks_available() as u64 * st.fragment_size() as u64)
+    Some(st.blocks_available() * st.fragment_size())
+}
+
+/// The tar stream on its way to tar2sqfs, noting the least free space seen on the image's
+/// disk meanwhile: tar2sqfs deletes its output when a write fails, so once it has failed the
+/// disk no longer looks full.
+struct FreeWatch<W> {
+    inner: W,
+    dir: PathBuf,
+    /// Bytes passed on since the last look (one statvfs per few MB of tar).
+    unchecked: usize,
+    min_free: Option<u64>,
+}
+
+impl<W: Write> Write for FreeWatch<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.unchecked += n;
+        if self.unchecked >= 4 << 20 {
+            self.unchecked = 0;
+            if let Some(free) = free_bytes(&self.dir) {
+                self.min_free = Some(self.min_free.map_or(free, |m| m.min(free)));
+            }
+        }
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
 }
 
 #[cfg(test)]

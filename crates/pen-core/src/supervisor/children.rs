@@ -3,6 +3,7 @@
 
 use std::collections::VecDeque;
 use std::ffi::OsString;
+use std::os::fd::RawFd;
 use std::path::Path;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
@@ -39,8 +40,14 @@ pub struct Spawned {
 }
 
 /// Spawns `program args` so that it is SIGKILLed when the supervisor dies. Must run on the
-/// main thread (see the module doc of `supervisor`).
-pub fn spawn(label: &'static str, program: &Path, args: &[OsString]) -> anyhow::Result<Spawned> {
+/// main thread (see the module doc of `supervisor`). The descriptors in `inherit` (opened
+/// close-on-exec, as all of ours are) stay open in the child under the same numbers.
+pub fn spawn(
+    label: &'static str,
+    program: &Path,
+    args: &[OsString],
+    inherit: &[RawFd],
+) -> anyhow::Result<Spawned> {
     let mut cmd = Command::new(program);
     cmd.args(args)
         .stdin(Stdio::null())
@@ -48,11 +55,18 @@ pub fn spawn(label: &'static str, program: &Path, args: &[OsString]) -> anyhow::
         .stderr(Stdio::piped())
         .kill_on_drop(true);
     let parent = std::process::id();
-    // SAFETY: only async-signal-safe calls (prctl, getppid, _exit) between fork and exec.
+    let inherit = inherit.to_vec();
+    // SAFETY: only async-signal-safe calls (prctl, fcntl, getppid, _exit) between fork and
+    // exec; `inherit` was allocated before the fork.
     unsafe {
         cmd.pre_exec(move || {
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
                 return Err(std::io::Error::last_os_error());
+            }
+            for &fd in &inherit {
+                if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
             }
             // The supervisor may have died before prctl took effect.
             if libc::getppid() as u32 != parent {

@@ -12,7 +12,9 @@
 //! the child exits, which is why everything runs on a current-thread runtime on the main
 //! thread.
 
+mod boot;
 mod children;
+mod machine;
 mod overlay;
 mod router;
 mod serve;
@@ -28,6 +30,7 @@ use serde::{Deserialize, Serialize};
 use crate::accel::Accel;
 use crate::paths::{PenHome, VmPaths};
 use crate::vm::{VmConfig, VmLock};
+use pen_proto::BootMode;
 
 pub use overlay::{check_overlay, overlay_marker, prepare_overlay};
 pub use serve::{remove_sockets as remove_stale_sockets, tail_lines};
@@ -44,6 +47,17 @@ pub struct Params {
     pub initrd: PathBuf,
     pub rootfs: PathBuf,
     pub setup_script: Option<String>,
+    /// `Build`: an image builder VM: no workspace (no virtiofsd, no vhost-user-fs device,
+    /// the VM's `dir` need not exist), the overlay disk is its scratch disk.
+    #[serde(default)]
+    pub mode: BootMode,
+    /// Identity of kernel + initrd + root image (see [`crate::client::StartOptions`]);
+    /// empty: no snapshots.
+    #[serde(default)]
+    pub image_id: String,
+    /// Boot cold: neither restore nor save a snapshot (`--no-snapshot`).
+    #[serde(default)]
+    pub no_snapshot: bool,
 }
 
 /// One line of boot progress from the supervisor to its spawner (stdout pipe).
@@ -90,8 +104,20 @@ impl Reporter {
     }
 }
 
+/// When this supervisor started, for the timings in its log.
+static STARTED: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+
+/// Milliseconds since this supervisor started.
+fn since_start() -> u128 {
+    STARTED
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_millis()
+}
+
 /// Entry point of `pen __supervise NAME`. Returns when the VM has stopped.
 pub fn main(home: &PenHome, name: &str) -> anyhow::Result<()> {
+    since_start();
     let mut input = Vec::new();
     std::io::stdin()
         .read_to_end(&mut input)
@@ -143,7 +169,13 @@ pub fn main(home: &PenHome, name: &str) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the supervisor runtime")?;
-    let result = rt.block_on(serve::run(paths.clone(), vm, params, &mut reporter));
+    let result = rt.block_on(serve::run(
+        paths.clone(),
+        home.snapshots(),
+        vm,
+        params,
+        &mut reporter,
+    ));
     if let Err(e) = &result {
         reporter.send(&Report::Error(format!("{e:#}")));
         eprintln!("supervisor: {e:#}");
@@ -182,10 +214,20 @@ mod tests {
             initrd: "/h/images/initrd".into(),
             rootfs: "/h/images/rootfs.sqfs".into(),
             setup_script: Some("echo hi\n".into()),
+            mode: BootMode::Build,
+            image_id: "51d98c4b".into(),
+            no_snapshot: true,
         };
         let json = serde_json::to_vec(&p).unwrap();
         assert!(String::from_utf8_lossy(&json).contains("\"accel\":\"tcg\""));
         assert_eq!(serde_json::from_slice::<Params>(&json).unwrap(), p);
+    }
+
+    #[test]
+    fn params_without_mode_mean_shell() {
+        let json = r#"{"accel":"tcg","env":[],"keep_running":false,"kernel":"/k","initrd":"/i","rootfs":"/r","setup_script":null}"#;
+        let p: Params = serde_json::from_str(json).unwrap();
+        assert_eq!(p.mode, BootMode::Shell);
     }
 
     #[test]

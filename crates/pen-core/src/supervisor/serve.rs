@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::io::{Read, Seek, SeekFrom};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
@@ -13,20 +13,24 @@ use pen_proto::{
     WORKSPACE_TAG,
 };
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::{UnixListener, UnixStream};
+use tokio::net::UnixListener;
 use tokio::process::Child;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use tokio::task::JoinHandle;
 use tokio::time::sleep_until;
 use tokio_util::codec::{FramedRead, FramedWrite};
 
+use super::boot;
 use super::children::{self, Spawned};
+use super::machine::Stage1;
 use super::overlay::prepare_overlay;
 use super::router::{ClientId, Router};
 use super::{Params, Report, Reporter};
 use crate::accel::Accel;
 use crate::paths::VmPaths;
-use crate::qemu::{self, QemuSpec};
+use crate::qemu::QemuSpec;
+use crate::qmp::Qmp;
+use crate::snapshot::{self, BootFiles, Committed, Identity, Pending};
 use crate::virtiofsd;
 use crate::vm::VmConfig;
 
@@ -88,17 +92,28 @@ struct Sup<'r> {
     idle_since: Instant,
     accept_task: Option<JoinHandle<()>>,
     boot_timeout: Duration,
+    /// QEMU's monitor and guest RAM, until the stage-1 point is passed.
+    stage1: Option<Stage1>,
+    /// The guest waits for its configuration: save (maybe), attach devices, configure.
+    stage1_due: bool,
+    /// Save a snapshot with this identity at the stage-1 point (cold boots only).
+    save: Option<(Identity, BootFiles)>,
+    snapshots: PathBuf,
+    saver: Option<Saver>,
+    virtiofsd: Option<Spawned>,
 }
 
 pub(super) async fn run(
     paths: VmPaths,
+    snapshots: PathBuf,
     vm: VmConfig,
     params: Params,
     reporter: &mut Reporter,
 ) -> anyhow::Result<()> {
     let name = vm.name.clone();
     prepare_overlay(&paths, &name, vm.disk_size)?;
-    if !vm.dir.is_dir() {
+    let build = params.mode == BootMode::Build;
+    if !build && !vm.dir.is_dir() {
         anyhow::bail!(
             "the VM's shared directory {} does not exist or is not a directory",
             vm.dir.display()
@@ -130,20 +145,13 @@ pub(super) async fn run(
         .with_context(|| format!("binding {}", paths.supervisor_socket().display()))?;
     let accept_task = tokio::spawn(accept_loop(listener, events_tx.clone()));
 
-    let vfsd = virtiofsd::find()?;
-    let unprivileged = !nix::unistd::geteuid().is_root();
-    let mut virtiofsd = children::spawn(
-        "virtiofsd",
-        &vfsd.path,
-        &vfsd.args(&paths.virtiofs_socket(), &vm.dir, unprivileged),
-    )?;
-    children::wait_for_path(
-        &paths.virtiofs_socket(),
-        &mut virtiofsd,
-        "virtiofsd",
-        Duration::from_secs(10),
-    )
-    .await?;
+    // A builder VM has no workspace: no virtiofsd, no vhost-user-fs device. Its socket is
+    // awaited only when the device is attached, so virtiofsd starts alongside QEMU.
+    let mut virtiofsd = if build {
+        None
+    } else {
+        Some(spawn_virtiofsd(&paths, &vm)?)
+    };
 
     let spec = QemuSpec {
         accel: params.accel,
@@ -152,27 +160,40 @@ pub(super) async fn run(
         kernel: params.kernel.clone(),
         initrd: params.initrd.clone(),
         rootfs: params.rootfs.clone(),
+        // Set when QEMU is started (machine.rs).
+        ram_fd: -1,
+        incoming: false,
         overlay: paths.overlay(),
         console_log: paths.console_log(),
         qmp_socket: paths.qmp_socket(),
         agent_socket: paths.agent_socket(),
-        virtiofs_socket: Some(paths.virtiofs_socket()),
+        virtiofs_socket: virtiofsd.as_ref().map(|_| paths.virtiofs_socket()),
     };
     let boot_started = Instant::now();
-    let mut qemu = children::spawn("qemu", &qemu::binary()?, &qemu::args(&spec))?;
-    let agent = match connect_agent(&paths.agent_socket(), &mut qemu).await {
-        Ok(agent) => agent,
+    let plan = boot::plan(&snapshots, &params, &spec, reporter);
+    let config = || guest_config(&name, &params);
+    let booted = match boot::boot(
+        plan,
+        spec,
+        &paths.runtime,
+        virtiofsd.as_mut(),
+        &config,
+        reporter,
+    )
+    .await
+    {
+        Ok(booted) => booted,
         Err(e) => {
             let msg = boot_failure(&name, &paths, &format!("{e:#}"), None);
             return Err(anyhow::anyhow!(msg));
         }
     };
-    eprintln!("supervisor: agent link up");
+    eprintln!("supervisor: agent link up (+{} ms)", super::since_start());
+    let mut qemu = booted.machine.qemu;
 
     let (agent_tx, agent_rx) = unbounded_channel();
-    let (agent_r, agent_w) = agent.into_split();
-    tokio::spawn(write_frames(agent_w, agent_rx));
-    tokio::spawn(read_guest(agent_r, events_tx.clone()));
+    tokio::spawn(write_frames(booted.agent_write, agent_rx));
+    tokio::spawn(read_guest(booted.agent_read, events_tx.clone()));
     drop(events_tx);
 
     let mut sup = Sup {
@@ -184,18 +205,29 @@ pub(super) async fn run(
         clients: HashMap::new(),
         router: Router::default(),
         phase: Phase::Booting,
-        config_sent: false,
+        config_sent: booted.restored,
         keep_running: false,
         had_client: false,
         idle_since: Instant::now(),
         accept_task: Some(accept_task),
         boot_timeout: Duration::ZERO,
+        // A restored guest is past stage 1 already; dropping `stage1` closes the monitor
+        // connection and our handle on guest RAM.
+        stage1: (!booted.restored).then_some(booted.machine.stage1),
+        stage1_due: false,
+        save: booted.save,
+        snapshots,
+        saver: None,
+        virtiofsd: virtiofsd.take(),
     };
     sup.keep_running = sup.params.keep_running;
-    sup.send_guest(Frame::control(Message::Hello {
-        version: PROTOCOL_VERSION,
-        software: format!("pen {}", crate::VERSION),
-    }));
+    if !booted.restored {
+        // A restored guest has been greeted and configured already (boot.rs).
+        sup.send_guest(Frame::control(Message::Hello {
+            version: PROTOCOL_VERSION,
+            software: format!("pen {}", crate::VERSION),
+        }));
+    }
 
     let boot_timeout = match sup.params.accel {
         Accel::Kvm => Duration::from_secs(60),
@@ -248,8 +280,45 @@ pub(super) async fn run(
     };
 
     sup.disconnect_all().await;
-    children::terminate(&mut virtiofsd.child, Duration::from_secs(1)).await;
+    if let Some(virtiofsd) = &mut sup.virtiofsd {
+        children::terminate(&mut virtiofsd.child, Duration::from_secs(1)).await;
+    }
+    if let Some(saver) = sup.saver.take() {
+        finish_save(saver);
+    }
     result
+}
+
+/// Starts virtiofsd sharing the VM's directory.
+fn spawn_virtiofsd(paths: &VmPaths, vm: &VmConfig) -> anyhow::Result<Spawned> {
+    let vfsd = virtiofsd::find()?;
+    let unprivileged = !nix::unistd::geteuid().is_root();
+    children::spawn(
+        "virtiofsd",
+        &vfsd.path,
+        &vfsd.args(&paths.virtiofs_socket(), &vm.dir, unprivileged),
+        &[],
+    )
+}
+
+/// A snapshot being written out (fsync, rename) on a thread of its own, so that the VM's
+/// first session does not wait for the disk.
+type Saver = std::thread::JoinHandle<anyhow::Result<(String, Committed)>>;
+
+/// Waits for the snapshot writer; the lock is still held, so a VM started right after this
+/// one finds the snapshot complete or absent, never half-written.
+fn finish_save(saver: Saver) {
+    match saver.join() {
+        Ok(Ok((key, Committed::Installed))) => {
+            eprintln!("supervisor: snapshot {} saved", snapshot::short_key(&key))
+        }
+        Ok(Ok((key, Committed::AlreadyThere))) => eprintln!(
+            "supervisor: snapshot {} was saved by another VM first; ours is discarded",
+            snapshot::short_key(&key)
+        ),
+        Ok(Err(e)) => eprintln!("supervisor: snapshot not saved: {e:#}"),
+        Err(_) => eprintln!("supervisor: snapshot writer panicked"),
+    }
 }
 
 impl Sup<'_> {
@@ -264,6 +333,12 @@ impl Sup<'_> {
         // A supervisor has no terminal; a stray SIGHUP must not kill the VM.
         let _sighup = signal(tokio::signal::unix::SignalKind::hangup());
         loop {
+            if self.stage1_due {
+                self.stage1_due = false;
+                if let Err(e) = self.finish_stage1().await {
+                    return End::BootFailed(format!("{e:#}"));
+                }
+            }
             let idle = self.idle_deadline();
             let booting = self.phase == Phase::Booting && !self.config_sent;
             tokio::select! {
@@ -363,13 +438,9 @@ impl Sup<'_> {
             }
             Message::AwaitingConfig => {
                 // The agent repeats its greeting until configured; configure it once.
-                if self.config_sent {
-                    return None;
+                if !self.config_sent && self.stage1.is_some() {
+                    self.stage1_due = true;
                 }
-                eprintln!("supervisor: sending configuration");
-                let config = self.guest_config();
-                self.send_guest(Frame::control(Message::Config(config)));
-                self.config_sent = true;
             }
             Message::Log { text } => {
                 // Not written to the supervisor log: setup output may echo env values.
@@ -385,7 +456,7 @@ impl Sup<'_> {
                 }
             }
             Message::Ready => {
-                eprintln!("supervisor: VM ready");
+                eprintln!("supervisor: VM ready (+{} ms)", super::since_start());
                 self.phase = Phase::Ready;
                 self.idle_since = Instant::now();
                 self.reporter.send(&Report::Ready);
@@ -500,26 +571,54 @@ impl Sup<'_> {
         None
     }
 
-    fn guest_config(&self) -> GuestConfig {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default();
-        let mut entropy = vec![0u8; 32];
-        let mut id = [0u8; 16];
-        // getrandom only fails on kernels older than 3.17 without /dev/urandom.
-        getrandom::fill(&mut entropy).expect("getrandom");
-        getrandom::fill(&mut id).expect("getrandom");
-        GuestConfig {
-            hostname: self.name.clone(),
-            env: self.params.env.clone(),
-            workspace_tag: Some(WORKSPACE_TAG.to_string()),
-            clock_secs: now.as_secs() as i64,
-            clock_nanos: now.subsec_nanos(),
-            mode: BootMode::Shell,
-            setup_script: self.params.setup_script.clone(),
-            entropy,
-            machine_id: hex::encode(id),
+    /// The stage-1 point on the host side: the guest waits for its configuration, nothing
+    /// of this VM is in it yet. Saves a snapshot if one is due (a failed save is logged,
+    /// not fatal), attaches the VM's own devices, resumes the guest and configures it.
+    async fn finish_stage1(&mut self) -> anyhow::Result<()> {
+        let Some(mut stage1) = self.stage1.take() else {
+            return Ok(());
+        };
+        if let Some((identity, files)) = self.save.take() {
+            let started = Instant::now();
+            let key = identity.key();
+            let saved = async {
+                let pending = Pending::create(&self.snapshots, identity, files)?;
+                stage1.save(pending, &self.paths.runtime).await
+            }
+            .await;
+            match saved {
+                Ok((pending, version)) => {
+                    eprintln!(
+                        "supervisor: snapshot {} taken in {} ms; writing it out",
+                        snapshot::short_key(&key),
+                        started.elapsed().as_millis()
+                    );
+                    self.saver = Some(std::thread::spawn(move || {
+                        pending.commit(version).map(|c| (key, c))
+                    }));
+                }
+                Err(e) => eprintln!("supervisor: snapshot not saved: {e:#}"),
+            }
         }
+        if let Some(vfsd) = &mut self.virtiofsd {
+            boot::wait_for_virtiofsd(&stage1.spec, vfsd).await?;
+        }
+        stage1.attach().await?;
+        stage1.resume().await?;
+        // Dropping `stage1` closes the monitor connection and pen's handle on guest RAM.
+        drop(stage1);
+        eprintln!(
+            "supervisor: sending configuration (+{} ms)",
+            super::since_start()
+        );
+        let config = self.guest_config();
+        self.send_guest(Frame::control(Message::Config(config)));
+        self.config_sent = true;
+        Ok(())
+    }
+
+    fn guest_config(&self) -> GuestConfig {
+        guest_config(&self.name, &self.params)
     }
 
     fn send_guest(&self, frame: Frame) {
@@ -602,7 +701,10 @@ impl Sup<'_> {
             return;
         }
         eprintln!("supervisor: guest did not power off in {grace:?}; QMP quit");
-        if let Err(e) = qmp_quit(&self.paths.qmp_socket()).await {
+        // Before the stage-1 point our monitor connection is open, and QEMU takes one at a
+        // time: quit through it.
+        let held = self.stage1.take().map(|s| s.qmp);
+        if let Err(e) = qmp_quit(&self.paths.qmp_socket(), held).await {
             eprintln!("supervisor: QMP quit: {e:#}");
         }
         if self.wait_qemu(qemu, events, Duration::from_secs(3)).await {
@@ -647,6 +749,32 @@ impl Sup<'_> {
         let writers: Vec<JoinHandle<()>> = self.clients.drain().map(|(_, c)| c.writer).collect();
         let _ =
             tokio::time::timeout(Duration::from_secs(2), futures::future::join_all(writers)).await;
+    }
+}
+
+/// The per-VM configuration, with a fresh clock, entropy and machine-id.
+pub(super) fn guest_config(name: &str, params: &Params) -> GuestConfig {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    let mut entropy = vec![0u8; 32];
+    let mut id = [0u8; 16];
+    // getrandom only fails on kernels older than 3.17 without /dev/urandom.
+    getrandom::fill(&mut entropy).expect("getrandom");
+    getrandom::fill(&mut id).expect("getrandom");
+    GuestConfig {
+        hostname: name.to_string(),
+        env: params.env.clone(),
+        workspace_tag: match params.mode {
+            BootMode::Shell => Some(WORKSPACE_TAG.to_string()),
+            BootMode::Build => None,
+        },
+        clock_secs: now.as_secs() as i64,
+        clock_nanos: now.subsec_nanos(),
+        mode: params.mode,
+        setup_script: params.setup_script.clone(),
+        entropy,
+        machine_id: hex::encode(id),
     }
 }
 
@@ -716,44 +844,22 @@ pub fn remove_sockets(paths: &VmPaths) {
         paths.agent_socket(),
         paths.qmp_socket(),
         paths.virtiofs_socket(),
+        paths.runtime.join("migrate.sock"),
     ] {
         let _ = std::fs::remove_file(sock);
     }
     let _ = std::fs::remove_dir(&paths.runtime);
 }
 
-/// Connects to QEMU's end of the agent port, which QEMU creates at startup.
-async fn connect_agent(path: &Path, qemu: &mut Spawned) -> anyhow::Result<UnixStream> {
-    let start = Instant::now();
-    loop {
-        match UnixStream::connect(path).await {
-            Ok(stream) => return Ok(stream),
-            Err(e) => {
-                if let Some(status) = qemu.child.try_wait()? {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    anyhow::bail!("QEMU exited ({status}):\n{}", qemu.stderr.text());
-                }
-                if start.elapsed() > Duration::from_secs(30) {
-                    anyhow::bail!("QEMU did not open {}: {e}", path.display());
-                }
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        }
-    }
-}
-
-/// QEMU's `quit` over QMP, through the `qapi` crate (the snapshot work needs its
-/// `migrate`/`device_add` too).
-async fn qmp_quit(path: &Path) -> anyhow::Result<()> {
+/// QEMU's `quit` over QMP, on `held` when we have a connection open.
+async fn qmp_quit(path: &Path, held: Option<Qmp>) -> anyhow::Result<()> {
     let attempt = async {
-        let stream = qapi::futures::QmpStreamTokio::open_uds(path)
-            .await?
-            .negotiate()
-            .await?;
-        let (qmp, handle) = stream.spawn_tokio();
+        let mut qmp = match held {
+            Some(qmp) => qmp,
+            None => Qmp::connect(path).await?,
+        };
         // QEMU may close the socket before it answers; the exit is what counts.
-        let _ = qmp.execute(qapi::qmp::quit {}).await;
-        handle.abort();
+        let _ = qmp.execute("quit", serde_json::json!({})).await;
         anyhow::Ok(())
     };
     tokio::time::timeout(Duration::from_secs(3), attempt)
@@ -817,8 +923,10 @@ async fn read_client(id: ClientId, r: OwnedReadHalf, events: UnboundedSender<Eve
     let _ = events.send(Event::ClientGone(id));
 }
 
-async fn read_guest(r: OwnedReadHalf, events: UnboundedSender<Event>) {
-    let mut stream = FramedRead::new(r, FrameCodec::new());
+async fn read_guest(
+    mut stream: FramedRead<OwnedReadHalf, FrameCodec>,
+    events: UnboundedSender<Event>,
+) {
     while let Some(item) = stream.next().await {
         let event = match item {
             Ok(Ok(frame)) => Event::Guest(frame),

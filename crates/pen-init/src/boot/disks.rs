@@ -57,11 +57,15 @@ pub fn poll_for<T>(timeout: Duration, mut probe: impl FnMut() -> Option<T>) -> O
 }
 
 /// Waits for the block device with `serial` and its `/dev` node; returns the node's path.
+///
+/// The node must also open: a disk hot-plugged after boot (the overlay disk) shows up in
+/// sysfs and `/dev` a moment before the kernel finishes registering it, and opening it in
+/// that window fails with ENXIO.
 pub fn wait_for_disk(serial: &str) -> Result<PathBuf, String> {
     poll_for(DEVICE_TIMEOUT, || {
         let name = find_block_by_serial(Path::new("/sys/block"), serial)?;
         let dev = PathBuf::from("/dev").join(name);
-        dev.exists().then_some(dev)
+        std::fs::File::open(&dev).ok().map(|_| dev)
     })
     .ok_or_else(|| {
         format!(

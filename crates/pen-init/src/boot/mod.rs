@@ -5,6 +5,7 @@ pub mod disks;
 pub mod modules;
 pub mod mounts;
 pub mod overlay;
+pub mod prefetch;
 pub mod system;
 
 use std::fmt;

@@ -629,15 +629,16 @@ impl Pen {
         );
     }
 
-    /// QEMU processes that have this VM's overlay disk open (by their command line).
+    /// QEMU processes of this VM, by their command line, which names the VM's console log
+    /// (not its overlay disk: that is hot-plugged over QMP).
     pub fn qemu_pids(&self, name: &str) -> Vec<u32> {
-        let overlay = self.vm_dir(name).join("overlay.img");
-        let overlay = overlay.to_string_lossy();
+        let console = self.vm_dir(name).join("console.log");
+        let console = console.to_string_lossy();
         processes()
             .into_iter()
             .filter(|p| {
                 p.argv.first().is_some_and(|a| a.contains("qemu-system"))
-                    && p.argv.iter().any(|a| a.contains(overlay.as_ref()))
+                    && p.argv.iter().any(|a| a.contains(console.as_ref()))
             })
             .map(|p| p.pid)
             .collect()

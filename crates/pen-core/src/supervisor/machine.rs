@@ -1,0 +1,388 @@
+//! QEMU for one VM: started cold or restored from a snapshot, and, at the stage-1 point,
+//! saved as a snapshot and given its own devices (see [`crate::qemu`] for the layout).
+//!
+//! Guest RAM is a memfd created here and handed to QEMU, so that a snapshot's RAM can be
+//! copied out of it (save) and into a fresh one (restore) without QEMU reading or writing
+//! every page; QEMU migrates only device state (`x-ignore-shared`).
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+
+use super::children::{self, Spawned};
+use crate::qemu::{self, QemuSpec};
+use crate::qmp::Qmp;
+use crate::snapshot::{Pending, Snapshot};
+
+/// How long QEMU may take to load a snapshot's device state (normally milliseconds).
+const LOAD_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the outgoing migration of a save may take (device state only: milliseconds).
+const SAVE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Upper bound on a device state stream; guest RAM is not in it.
+const MAX_STATE: usize = 256 << 20;
+/// How long QEMU may take to create its sockets.
+const SOCKET_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A started QEMU, up to the end of stage 1.
+pub(super) struct Machine {
+    pub qemu: Spawned,
+    pub stage1: Stage1,
+}
+
+/// What stage 1 needs and drops when done: the monitor connection (QEMU takes one at a
+/// time, and `pen stop` later opens its own) and pen's handle on guest RAM.
+pub(super) struct Stage1 {
+    pub qmp: Qmp,
+    ram: File,
+    pub spec: QemuSpec,
+    /// Not running (restored, or stopped for a save): needs `cont`.
+    paused: bool,
+    /// The VM's own devices are plugged in.
+    attached: bool,
+}
+
+fn ram_size(spec: &QemuSpec) -> u64 {
+    u64::from(spec.memory_mb) << 20
+}
+
+/// A memfd the size of guest RAM. Sparse: pages exist once written.
+fn create_ram(spec: &QemuSpec) -> anyhow::Result<File> {
+    let fd = nix::sys::memfd::memfd_create(
+        c"pen-guest-ram",
+        nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC,
+    )
+    .context("creating guest RAM (memfd_create)")?;
+    let ram = File::from(fd);
+    ram.set_len(ram_size(spec)).context("sizing guest RAM")?;
+    Ok(ram)
+}
+
+fn spawn_qemu(spec: &mut QemuSpec, ram: &File, incoming: bool) -> anyhow::Result<Spawned> {
+    spec.ram_fd = ram.as_raw_fd();
+    spec.incoming = incoming;
+    children::spawn(
+        "qemu",
+        &qemu::binary()?,
+        &qemu::args(spec),
+        &[ram.as_raw_fd()],
+    )
+}
+
+/// Starts QEMU for a cold boot.
+pub(super) async fn start_cold(mut spec: QemuSpec) -> anyhow::Result<Machine> {
+    let ram = create_ram(&spec)?;
+    let mut qemu = spawn_qemu(&mut spec, &ram, false)?;
+    let qmp = Qmp::handshake(connect_socket(&spec.qmp_socket, &mut qemu).await?).await?;
+    Ok(Machine {
+        qemu,
+        stage1: Stage1 {
+            qmp,
+            ram,
+            spec,
+            paused: false,
+            attached: false,
+        },
+    })
+}
+
+/// Why a restore failed.
+pub(super) enum RestoreError {
+    /// The snapshot cannot be used (damaged, refused by QEMU, its guest does not answer):
+    /// boot cold and replace it. The reason is for a notice.
+    Snapshot(String),
+    /// Something that is not the snapshot's fault (no memory, QEMU or virtiofsd not
+    /// starting, a device that cannot be attached): boot cold, keep the snapshot.
+    Host(anyhow::Error),
+}
+
+/// Starts QEMU from `snapshot`: RAM copied in (checked) while QEMU starts, device state
+/// streamed in (checked). The guest is paused where the snapshot left it, waiting for its
+/// configuration. On error QEMU is gone.
+pub(super) async fn start_restored(
+    mut spec: QemuSpec,
+    snapshot: Box<Snapshot>,
+    runtime: &Path,
+) -> Result<Machine, RestoreError> {
+    let started = Instant::now();
+    let state = snapshot.read_state().map_err(RestoreError::Snapshot)?;
+    let ram = create_ram(&spec).map_err(RestoreError::Host)?;
+    let size = ram_size(&spec);
+    let target = ram.try_clone().map_err(|e| RestoreError::Host(e.into()))?;
+    // A blocking thread, not a child: only the main thread may fork (PR_SET_PDEATHSIG).
+    let copy = tokio::task::spawn_blocking(move || {
+        let t = Instant::now();
+        snapshot.load_ram(&target, size).map(|()| t.elapsed())
+    });
+    let mut qemu = spawn_qemu(&mut spec, &ram, true).map_err(RestoreError::Host)?;
+    let result = async {
+        let mut qmp = Qmp::handshake(connect_socket(&spec.qmp_socket, &mut qemu).await?)
+            .await
+            .map_err(RestoreError::Host)?;
+        let copy_time = copy
+            .await
+            .map_err(|e| RestoreError::Host(anyhow::anyhow!("RAM copy thread: {e}")))?
+            .map_err(RestoreError::Snapshot)?;
+        load_state(&mut qmp, &state, runtime)
+            .await
+            .map_err(|e| RestoreError::Snapshot(format!("QEMU did not load it: {e:#}")))?;
+        eprintln!(
+            "supervisor: snapshot loaded in {} ms (RAM copy {} ms, {} MB) (+{} ms)",
+            started.elapsed().as_millis(),
+            copy_time.as_millis(),
+            size >> 20,
+            super::since_start()
+        );
+        Ok(qmp)
+    }
+    .await;
+    match result {
+        // Paused: the snapshot was taken of a stopped guest.
+        Ok(qmp) => Ok(Machine {
+            qemu,
+            stage1: Stage1 {
+                qmp,
+                ram,
+                spec,
+                paused: true,
+                attached: false,
+            },
+        }),
+        Err(e) => {
+            kill(&mut qemu).await;
+            Err(with_last_words(e, &qemu))
+        }
+    }
+}
+
+/// Adds QEMU's last stderr line to a snapshot failure (it usually says what it refused).
+pub(super) fn with_last_words(e: RestoreError, qemu: &Spawned) -> RestoreError {
+    let stderr = qemu.stderr.text();
+    match (e, stderr.lines().last()) {
+        (RestoreError::Snapshot(reason), Some(last)) if !last.trim().is_empty() => {
+            RestoreError::Snapshot(format!("{reason}; QEMU said: {}", last.trim()))
+        }
+        (e, _) => e,
+    }
+}
+
+/// Kills QEMU and waits for it to exit.
+pub(super) async fn kill(qemu: &mut Spawned) {
+    let _ = qemu.child.start_kill();
+    let _ = qemu.child.wait().await;
+    // Let the stderr pump take QEMU's last words.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+}
+
+/// Feeds the device state to a QEMU started with `-incoming defer` and waits for it to be
+/// loaded. RAM is already in place: `x-ignore-shared` tells QEMU not to expect it.
+async fn load_state(qmp: &mut Qmp, state: &[u8], runtime: &Path) -> anyhow::Result<()> {
+    ignore_shared_ram(qmp).await?;
+    let sock = runtime.join("migrate.sock");
+    let _ = std::fs::remove_file(&sock);
+    qmp.execute("migrate-incoming", json!({"uri": unix_uri(&sock)?}))
+        .await?;
+    let mut stream = UnixStream::connect(&sock)
+        .await
+        .context("connecting to QEMU's incoming migration socket")?;
+    stream
+        .write_all(state)
+        .await
+        .context("sending the device state")?;
+    stream.shutdown().await?;
+    let _ = std::fs::remove_file(&sock);
+    wait_migration(qmp, LOAD_TIMEOUT).await
+}
+
+async fn ignore_shared_ram(qmp: &mut Qmp) -> anyhow::Result<()> {
+    qmp.execute(
+        "migrate-set-capabilities",
+        json!({"capabilities": [{"capability": "x-ignore-shared", "state": true}]}),
+    )
+    .await?;
+    Ok(())
+}
+
+fn unix_uri(path: &Path) -> anyhow::Result<String> {
+    let path = path
+        .to_str()
+        .ok_or_else(|| anyhow::anyhow!("{} is not valid UTF-8", path.display()))?;
+    Ok(format!("unix:{path}"))
+}
+
+/// Polls `query-migrate` until the migration completed; fails when it failed, QEMU went
+/// away or `limit` passed.
+async fn wait_migration(qmp: &mut Qmp, limit: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let info = qmp.execute("query-migrate", json!({})).await?;
+        match info.get("status").and_then(Value::as_str) {
+            Some("completed") => return Ok(()),
+            Some(status @ ("failed" | "cancelled")) => {
+                let why = info
+                    .get("error-desc")
+                    .and_then(Value::as_str)
+                    .unwrap_or("no reason given");
+                anyhow::bail!("migration {status}: {why}");
+            }
+            _ => {}
+        }
+        if Instant::now() > deadline {
+            anyhow::bail!("migration did not complete within {}s", limit.as_secs());
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+impl Stage1 {
+    /// Saves the stopped guest into `pending`: device state over a unix socket, then the RAM
+    /// pages out of the memfd. The guest stays stopped until [`Stage1::resume`].
+    /// Returns the pending snapshot, complete but for its manifest, and QEMU's version for
+    /// the manifest; on error the pending snapshot is gone (and its files with it).
+    pub async fn save(
+        &mut self,
+        mut pending: Pending,
+        runtime: &Path,
+    ) -> anyhow::Result<(Pending, String)> {
+        self.qmp.execute("stop", json!({})).await?;
+        self.paused = true;
+        ignore_shared_ram(&mut self.qmp).await?;
+        // Device state is a few hundred KB; the default 32 MiB/s cap would still cost time.
+        self.qmp
+            .execute(
+                "migrate-set-parameters",
+                json!({"max-bandwidth": 1u64 << 40}),
+            )
+            .await?;
+        let sock = runtime.join("migrate.sock");
+        let _ = std::fs::remove_file(&sock);
+        let listener = UnixListener::bind(&sock).context("binding the migration socket")?;
+        self.qmp
+            .execute("migrate", json!({"uri": unix_uri(&sock)?}))
+            .await?;
+        let receive = async {
+            let (mut stream, _) = listener.accept().await?;
+            let mut bytes = Vec::new();
+            (&mut stream)
+                .take(MAX_STATE as u64 + 1)
+                .read_to_end(&mut bytes)
+                .await?;
+            anyhow::Ok(bytes)
+        };
+        let state = tokio::time::timeout(SAVE_TIMEOUT, receive)
+            .await
+            .context("QEMU did not send its state")??;
+        let _ = std::fs::remove_file(&sock);
+        if state.len() > MAX_STATE {
+            anyhow::bail!("the device state is larger than {} MB", MAX_STATE >> 20);
+        }
+        wait_migration(&mut self.qmp, SAVE_TIMEOUT).await?;
+        pending.write_state(&state)?;
+        // Copying ~100 MB of pages blocks: on a blocking thread, the runtime keeps serving.
+        let ram = self.ram.try_clone()?;
+        let size = ram_size(&self.spec);
+        let pending =
+            tokio::task::spawn_blocking(move || pending.write_ram(&ram, size).map(|()| pending))
+                .await
+                .context("RAM copy thread")??;
+        let version = self.qmp.execute("query-version", json!({})).await?;
+        Ok((pending, qemu_version(&version)))
+    }
+
+    /// Plugs in the VM's own devices (once). After a restore this happens before the guest
+    /// runs, so that the guest's hotplug handling overlaps with our greeting round trip.
+    pub async fn attach(&mut self) -> anyhow::Result<()> {
+        if self.attached {
+            return Ok(());
+        }
+        for (command, arguments) in qemu::hotplug_commands(&self.spec)? {
+            self.qmp
+                .execute(command, arguments)
+                .await
+                .context("attaching the VM's devices")?;
+        }
+        self.attached = true;
+        Ok(())
+    }
+
+    /// Lets the guest run (again) if it is paused.
+    pub async fn resume(&mut self) -> anyhow::Result<()> {
+        if self.paused {
+            self.qmp.execute("cont", json!({})).await?;
+            self.paused = false;
+        }
+        Ok(())
+    }
+}
+
+/// "7.2.22 (Debian 1:7.2+dfsg-7+deb12u18+b3)" from a `query-version` answer.
+fn qemu_version(v: &Value) -> String {
+    let q = &v["qemu"];
+    let mut s = format!("{}.{}.{}", q["major"], q["minor"], q["micro"]);
+    if let Some(package) = v["package"]
+        .as_str()
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+    {
+        s.push_str(&format!(" {package}"));
+    }
+    s
+}
+
+impl From<anyhow::Error> for RestoreError {
+    fn from(e: anyhow::Error) -> Self {
+        RestoreError::Host(e)
+    }
+}
+
+impl From<std::io::Error> for RestoreError {
+    fn from(e: std::io::Error) -> Self {
+        RestoreError::Host(e.into())
+    }
+}
+
+/// Connects to a unix socket QEMU creates at startup, failing early if QEMU exits.
+pub(super) async fn connect_socket(path: &Path, qemu: &mut Spawned) -> anyhow::Result<UnixStream> {
+    let start = Instant::now();
+    loop {
+        match UnixStream::connect(path).await {
+            Ok(stream) => return Ok(stream),
+            Err(e) => {
+                if let Some(status) = qemu.child.try_wait()? {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    anyhow::bail!("QEMU exited ({status}):\n{}", qemu.stderr.text());
+                }
+                if start.elapsed() > SOCKET_TIMEOUT {
+                    anyhow::bail!("QEMU did not open {}: {e}", path.display());
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn version_string() {
+        let v = json!({"qemu": {"major": 7, "minor": 2, "micro": 22}, "package": "Debian 1:7.2+dfsg-7"});
+        assert_eq!(qemu_version(&v), "7.2.22 Debian 1:7.2+dfsg-7");
+        let v = json!({"qemu": {"major": 8, "minor": 0, "micro": 0}, "package": ""});
+        assert_eq!(qemu_version(&v), "8.0.0");
+    }
+
+    #[test]
+    fn migration_uri() {
+        assert_eq!(
+            unix_uri(Path::new("/run/pen/x/migrate.sock")).unwrap(),
+            "unix:/run/pen/x/migrate.sock"
+        );
+    }
+}
