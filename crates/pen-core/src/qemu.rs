@@ -272,6 +272,10 @@ pub fn hotplug_commands(spec: &QemuSpec) -> anyhow::Result<Vec<(&'static str, Va
                 "bus": OVERLAY_PORT,
                 "drive": "pen-overlay",
                 "serial": OVERLAY_DISK_SERIAL,
+                // QEMU's default pauses the whole VM when the host disk fills up, and pen
+                // would wait on it forever; the guest gets an I/O error instead.
+                "werror": "report",
+                "rerror": "report",
             }),
         ),
     ];

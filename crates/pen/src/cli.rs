@@ -91,6 +91,24 @@ pub enum Command {
     Supervise { name: String },
 }
 
+impl Command {
+    /// Commands that only print what is on disk (no VM, no supervisor).
+    pub fn only_prints(&self) -> bool {
+        matches!(
+            self,
+            Command::List { .. }
+                | Command::Logs { .. }
+                | Command::Version
+                | Command::Doctor
+                | Command::Completions { .. }
+                | Command::Profile { .. }
+                | Command::Image {
+                    command: ImageCommand::List { .. }
+                }
+        )
+    }
+}
+
 #[derive(Debug, Subcommand)]
 pub enum ImageCommand {
     /// Build the base image (--base) or a profile's image.

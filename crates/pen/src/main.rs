@@ -15,6 +15,13 @@ fn main() -> ExitCode {
         .without_time()
         .init();
     let cli = cli::Cli::parse();
+    if cli.command.only_prints() {
+        // `pen list | head` should end quietly like any Unix tool, not panic on a closed
+        // stdout. Commands that talk to a supervisor keep Rust's default (ignore), so a
+        // socket closing under them is an error they report, not a silent death.
+        // SAFETY: no other thread exists yet; SIG_DFL is a valid disposition.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     match commands::run(cli.command) {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
         Err(err) => {
