@@ -11,6 +11,7 @@ use anyhow::{bail, Context};
 use nix::fcntl::{Flock, FlockArg};
 
 use super::initrd::{self, InitrdFile};
+use super::squashfs::Packer;
 use super::{
     image_id, pen_init_sha256, sources, write_manifest, BaseImage, BaseManifest, FileIdentity,
     BASE_PACKAGES, PEN_INIT,
@@ -302,29 +303,11 @@ fn pack_rootfs(
     wanted: &[String],
     log: &mut File,
 ) -> anyhow::Result<HashMap<String, Vec<u8>>> {
-    let jobs = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
-        .to_string();
-    let mut child = Command::new("tar2sqfs")
-        .args([
-            "--quiet",
-            "--force",
-            "--compressor",
-            "zstd",
-            "--num-jobs",
-            &jobs,
-        ])
-        .arg(out)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("starting tar2sqfs")?;
+    let (packer, input) = Packer::start(out)?;
     let modules_prefix = format!("usr/lib/modules/{kernel_version}/");
     let mut modules = HashMap::new();
     let write_result = (|| -> anyhow::Result<()> {
-        let mut builder = tar::Builder::new(std::io::BufWriter::new(child.stdin.take().unwrap()));
+        let mut builder = tar::Builder::new(std::io::BufWriter::new(input));
         let mut archive = tar::Archive::new(BufReader::new(File::open(root_tar)?));
         for entry in archive.entries()? {
             let mut entry = entry?;
@@ -366,19 +349,12 @@ fn pack_rootfs(
         builder.into_inner()?.flush()?;
         Ok(())
     })();
-    let output = child.wait_with_output()?;
-    let _ = log.write_all(&output.stderr);
-    write_result.context("streaming the root into tar2sqfs")?;
-    if !output.status.success() {
-        bail!(
-            "tar2sqfs failed ({}): {}",
-            output.status,
-            String::from_utf8_lossy(&output.stderr)
-                .lines()
-                .last()
-                .unwrap_or("")
-        );
+    // The packer's failure comes first: when it dies, the stream only sees a broken pipe.
+    if let Err(why) = packer.finish()? {
+        let _ = writeln!(log, "{why}");
+        bail!(why);
     }
+    write_result.context("streaming the root into tar2sqfs")?;
     for path in wanted {
         if !modules.contains_key(path) {
             bail!("the Debian root lacks the boot module {path}");

@@ -9,6 +9,7 @@ mod base;
 pub mod initrd;
 pub mod profile_image;
 pub mod sources;
+mod squashfs;
 
 use std::path::{Path, PathBuf};
 

@@ -8,12 +8,12 @@
 use std::fs::File;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 
 use anyhow::{bail, Context};
 use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 
+use super::squashfs::Packer;
 use super::{BaseImage, FileIdentity};
 use crate::client::{self, StartOptions};
 use crate::fsutil::{sync_dir, write_atomic};
@@ -366,28 +366,10 @@ fn pack_guest_root(
     log: &mut File,
     progress: &Progress,
 ) -> anyhow::Result<()> {
-    let jobs = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
-        .to_string();
-    let mut packer = Command::new("tar2sqfs")
-        .args([
-            "--quiet",
-            "--force",
-            "--compressor",
-            "zstd",
-            "--num-jobs",
-            &jobs,
-        ])
-        .arg(out)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("starting tar2sqfs (install squashfs-tools-ng)")?;
+    let (packer, input) = Packer::start(out)?;
     let dir = out.parent().unwrap_or(Path::new(".")).to_path_buf();
     let mut stdin = FreeWatch {
-        inner: packer.stdin.take().expect("piped"),
+        inner: input,
         dir: dir.clone(),
         unchecked: 0,
         min_free: None,
@@ -418,18 +400,10 @@ fn pack_guest_root(
     );
     let min_free = stdin.min_free;
     drop(stdin);
-    let output = packer.wait_with_output()?;
     // The packer's failure comes first: when it dies, the stream only sees a broken pipe.
-    if !output.status.success() {
-        let reason = String::from_utf8_lossy(&output.stderr)
-            .lines()
-            .rfind(|l| !l.trim().is_empty())
-            .unwrap_or("")
-            .trim()
-            .to_string();
+    if let Err(why) = packer.finish()? {
         // tar2sqfs reports ENOSPC as a bare "I/O error": say what it is.
-        let full = full_disk_note(&dir, min_free);
-        bail!("tar2sqfs failed ({}): {reason}{full}", output.status);
+        bail!("{why}{}", full_disk_note(&dir, min_free));
     }
     let status = streamed.context("streaming the builder's root")?;
     if status.code() != 0 {
