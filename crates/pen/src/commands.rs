@@ -157,7 +157,8 @@ fn prepare(home: &PenHome, name: Option<&str>, args: &CreateArgs) -> anyhow::Res
     };
     // Checked here too, so a bad --env never gets as far as creating the VM.
     resolve_env(args)?;
-    parse_accel(args)?;
+    // --accel, then PEN_ACCEL: a bad value is refused before anything is built or written.
+    pen_core::accel::choose(parse_accel(args)?)?;
 
     let paths = VmPaths::new(home, &name);
     let existing = VmConfig::load(&paths)?;

@@ -86,6 +86,22 @@ fn bad_flags_are_refused_before_anything_is_made() {
 }
 
 #[test]
+fn a_bad_pen_accel_is_refused_before_anything_is_made() {
+    let pen = Pen::without_vms("bad-pen-accel");
+    let ws = pen.ws.to_string_lossy().into_owned();
+    for verb in ["shell", "exec", "start"] {
+        let mut args = vec![verb, "vm", "--dir", &ws];
+        if verb == "exec" {
+            args.extend(["--", "true"]);
+        }
+        let mut cmd = pen.cmd(&args);
+        cmd.env("PEN_ACCEL", "warp");
+        run_cmd(cmd, None, TIMEOUT).usage_error(&["PEN_ACCEL", "warp"]);
+    }
+    assert_no_vms(&pen);
+}
+
+#[test]
 fn commands_on_a_missing_vm_say_so() {
     let pen = Pen::without_vms("missing-vm");
     for verb in ["stop", "delete", "logs"] {
