@@ -85,6 +85,17 @@ pub fn run(home: &PenHome) -> bool {
             }
         }
     }
+    // QEMU 7.2's C virtiofsd (Debian 12) refuses to run without root; the Rust one does not.
+    if let Ok(vfsd) = crate::virtiofsd::find() {
+        if vfsd.flavour == crate::virtiofsd::Flavour::C && !nix::unistd::geteuid().is_root() {
+            ok = false;
+            println!(
+                "MISSING  {:<20} {} needs root; fix: run pen as root, or install the Rust virtiofsd (`sudo apt-get install virtiofsd` on Debian 13 / Ubuntu 24.04) and set PEN_VIRTIOFSD",
+                "virtiofsd (non-root)",
+                vfsd.path.display()
+            );
+        }
+    }
     let accel = crate::accel::detect();
     match &accel.notice {
         None => println!("ok       {:<20} kvm", "accelerator"),

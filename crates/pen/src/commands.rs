@@ -490,12 +490,12 @@ fn image_list(home: &PenHome, json: bool) -> anyhow::Result<i32> {
         return Ok(0);
     }
     println!(
-        "{:<16} {:<40} {:>8} {:>6}  STATUS",
+        "{:<16} {:<46} {:>8} {:>6}  STATUS",
         "IMAGE", "KIND", "SIZE", "AGE"
     );
     for row in rows {
         println!(
-            "{:<16} {:<40} {:>8} {:>6}  {}",
+            "{:<16} {:<46} {:>8} {:>6}  {}",
             row.name,
             row.kind,
             if row.size > 0 {
