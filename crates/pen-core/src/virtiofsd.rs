@@ -34,6 +34,14 @@ pub const INSTALL_HINT: &str = "install it with `sudo apt-get install virtiofsd`
 
 /// `PEN_VIRTIOFSD`, the distribution paths, then `PATH`; runs `--help` to learn the flavour.
 pub fn find() -> anyhow::Result<Virtiofsd> {
+    let path = check()?;
+    let flavour = probe(&path)?;
+    Ok(Virtiofsd { path, flavour })
+}
+
+/// Where [`find`] would find virtiofsd, without running it: for a client's early check
+/// (the supervisor runs `find`; one `--help` per start, not two).
+pub fn check() -> anyhow::Result<PathBuf> {
     let path = locate().ok_or_else(|| anyhow::anyhow!("virtiofsd not found; {INSTALL_HINT}"))?;
     if !path.is_file() {
         anyhow::bail!(
@@ -41,8 +49,7 @@ pub fn find() -> anyhow::Result<Virtiofsd> {
             path.display()
         );
     }
-    let flavour = probe(&path)?;
-    Ok(Virtiofsd { path, flavour })
+    Ok(path)
 }
 
 pub fn locate() -> Option<PathBuf> {

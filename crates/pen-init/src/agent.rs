@@ -91,7 +91,7 @@ pub async fn run(started: Instant) {
     // The boot steps below block the thread: let the writer send what is queued first.
     tokio::task::yield_now().await;
 
-    let vm = match configure(&config) {
+    let vm = match configure(&config, &step) {
         Ok(vm) => vm,
         Err(e) => fail(Some(&link), e).await,
     };
@@ -244,28 +244,53 @@ struct Vm {
 }
 
 /// Steps 4-8 of the boot: everything that belongs to this one VM.
-fn configure(config: &GuestConfig) -> Result<Vm, BootError> {
+fn configure(config: &GuestConfig, step: &dyn Fn(&str)) -> Result<Vm, BootError> {
     boot::system::set_clock(config.clock_secs, config.clock_nanos)?;
     boot::system::add_entropy(&config.entropy)?;
+
+    // Work that needs nothing from the overlay disk runs on a thread while this one waits
+    // for the hot-plugged disk (under TCG the second vCPU would otherwise idle): the network
+    // interfaces, then a warm-up run of a program from the root image (see
+    // `prefetch::warm_exec`). The NIC is looked up here, before the switch of roots moves
+    // /sys. The warm-up is not waited for: it cannot hold up the boot, and if it is still
+    // running once sessions start, the reaper discards its exit.
+    let ifname = net::find_ethernet(Path::new("/sys/class/net"));
+    let net_ifname = ifname.clone();
+    let (net_tx, network) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("net".into())
+        .spawn(move || {
+            let _ = net_tx.send(net::bring_up(net_ifname.as_deref()));
+            boot::prefetch::warm_exec(boot::SYSROOT);
+        })
+        .map_err(|e| BootError::new("network", format!("thread: {e}")))?;
 
     // 4. overlay disk
     let dev = boot::disks::wait_for_disk(OVERLAY_DISK_SERIAL)
         .map_err(|e| BootError::new("overlay", e))?;
+    step("overlay disk found");
     let (overlay, formatted) = boot::overlay::prepare_overlay_disk(&dev)?;
     if formatted {
         console::debug("formatted the overlay disk");
     }
+    step("overlay disk mounted");
     // 5. merged root
     boot::overlay::mount_merged_root()?;
     boot::mounts::switch_root(boot::NEWROOT)?;
+    step("merged root");
 
     // 6.-8. stage 2, inside the merged root
     boot::system::set_hostname(&config.hostname)?;
     boot::system::set_machine_id(&config.machine_id)?;
-    net::configure()?;
+    network
+        .recv()
+        .map_err(|_| BootError::new("network", "the network thread panicked"))??;
+    net::write_resolv_conf(ifname.as_deref())?;
+    step("network");
     let workspace_mounted = match (&config.workspace_tag, config.mode) {
         (Some(tag), _) => {
             boot::system::mount_workspace(tag)?;
+            step("workspace mounted");
             true
         }
         (None, BootMode::Shell | BootMode::Build) => false,

@@ -145,22 +145,30 @@ fn sockaddr_in(addr: [u8; 4]) -> libc::sockaddr {
     unsafe { std::mem::transmute::<libc::sockaddr_in, libc::sockaddr>(sin) }
 }
 
-/// Loopback up; the NIC (if any) gets 10.0.2.15/24 and a default route via 10.0.2.2.
-/// Returns the interface configured.
+/// Loopback up; the NIC `ifname` (if any) gets 10.0.2.15/24 and a default route via
+/// 10.0.2.2. Touches no path (sockets and ioctls only), so it can run on a thread of its own
+/// while the boot switches roots: find the NIC first with [`find_ethernet`], and write
+/// `/etc/resolv.conf` with [`write_resolv_conf`] once the merged root is `/`.
 ///
 /// Done with ioctls rather than by running `ip`: four processes from the root image cost
 /// ~300 ms under TCG, the largest part of the time from a snapshot restore to a prompt.
-pub fn configure() -> Result<Option<String>, BootError> {
+pub fn bring_up(ifname: Option<&str>) -> Result<(), BootError> {
     let ctl = Ctl::open()?;
     ctl.set_up("lo")?;
-    let Some(ifname) = find_ethernet(Path::new("/sys/class/net")) else {
-        return Ok(None);
+    let Some(ifname) = ifname else {
+        return Ok(());
     };
-    ctl.set_ipv4(&ifname, GUEST_ADDR, NETMASK)?;
-    ctl.set_up(&ifname)?;
-    ctl.add_default_route(&ifname, GATEWAY)?;
-    crate::boot::system::write_resolv_conf(NAMESERVER)?;
-    Ok(Some(ifname))
+    ctl.set_ipv4(ifname, GUEST_ADDR, NETMASK)?;
+    ctl.set_up(ifname)?;
+    ctl.add_default_route(ifname, GATEWAY)
+}
+
+/// Points `/etc/resolv.conf` at slirp's DNS when the VM has a NIC.
+pub fn write_resolv_conf(ifname: Option<&str>) -> Result<(), BootError> {
+    match ifname {
+        Some(_) => crate::boot::system::write_resolv_conf(NAMESERVER),
+        None => Ok(()),
+    }
 }
 
 #[cfg(test)]

@@ -166,7 +166,7 @@ fn prepare(home: &PenHome, name: Option<&str>, args: &CreateArgs) -> anyhow::Res
     if !running {
         // Before vm.json is written: a host that cannot run the VM leaves nothing behind.
         pen_core::qemu::binary()?;
-        pen_core::virtiofsd::find()?;
+        pen_core::virtiofsd::check()?;
     }
     let default_dir = check_dir(Path::new("."))?;
     if let Some(loaded) = &loaded {

@@ -124,6 +124,7 @@ pub(super) async fn start_restored(
         let mut qmp = Qmp::handshake(connect_socket(&spec.qmp_socket, &mut qemu).await?)
             .await
             .map_err(RestoreError::Host)?;
+        let qemu_time = started.elapsed();
         let copy_time = copy
             .await
             .map_err(|e| RestoreError::Host(anyhow::anyhow!("RAM copy thread: {e}")))?
@@ -132,10 +133,11 @@ pub(super) async fn start_restored(
             .await
             .map_err(|e| RestoreError::Snapshot(format!("QEMU did not load it: {e:#}")))?;
         eprintln!(
-            "supervisor: snapshot loaded in {} ms (RAM copy {} ms, {} MB) (+{} ms)",
+            "supervisor: snapshot loaded in {} ms (RAM copy {} ms, {} MB; QEMU up in {} ms) (+{} ms)",
             started.elapsed().as_millis(),
             copy_time.as_millis(),
             size >> 20,
+            qemu_time.as_millis(),
             super::since_start()
         );
         Ok(qmp)

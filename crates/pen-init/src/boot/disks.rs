@@ -1,12 +1,13 @@
 //! Finding devices by role: block devices by their virtio serial, the agent port by name.
 //! Devices appear asynchronously after their driver module loads, so lookups poll.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 /// How long to wait for a device to show up after its driver loaded.
 pub const DEVICE_TIMEOUT: Duration = Duration::from_secs(10);
-const POLL_INTERVAL: Duration = Duration::from_millis(20);
+const POLL_INTERVAL: Duration = Duration::from_millis(2);
 
 fn read_trimmed(path: &Path) -> Option<String> {
     std::fs::read_to_string(path)
@@ -15,17 +16,33 @@ fn read_trimmed(path: &Path) -> Option<String> {
 }
 
 /// The name (`vda`, ...) of the block device under `sys_block` (normally `/sys/block`) whose
-/// `serial` file equals `serial`.
-pub fn find_block_by_serial(sys_block: &Path, serial: &str) -> Option<String> {
+/// `serial` file equals `serial`, skipping the devices in `others` and adding to it those
+/// found to have another serial. Polling with one such set reads each device's serial
+/// once: reading a virtio disk's `serial` is a request to the device, and the root disk
+/// would otherwise be asked at every poll while the boot waits for a hot-plugged disk.
+pub fn find_block_by_serial(
+    sys_block: &Path,
+    serial: &str,
+    others: &mut HashSet<String>,
+) -> Option<String> {
     let mut names: Vec<String> = std::fs::read_dir(sys_block)
         .ok()?
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|name| !others.contains(name))
         .collect();
     names.sort();
-    names
-        .into_iter()
-        .find(|name| read_trimmed(&sys_block.join(name).join("serial")).as_deref() == Some(serial))
+    names.into_iter().find(|name| {
+        match read_trimmed(&sys_block.join(name).join("serial")) {
+            Some(s) if s == serial => true,
+            // Not readable (yet): ask again next time.
+            None => false,
+            Some(_) => {
+                others.insert(name.clone());
+                false
+            }
+        }
+    })
 }
 
 /// The device name (`vport1p1`, ...) of the virtio-serial port under `sys_ports` (normally
@@ -62,8 +79,9 @@ pub fn poll_for<T>(timeout: Duration, mut probe: impl FnMut() -> Option<T>) -> O
 /// sysfs and `/dev` a moment before the kernel finishes registering it, and opening it in
 /// that window fails with ENXIO.
 pub fn wait_for_disk(serial: &str) -> Result<PathBuf, String> {
+    let mut others = HashSet::new();
     poll_for(DEVICE_TIMEOUT, || {
-        let name = find_block_by_serial(Path::new("/sys/block"), serial)?;
+        let name = find_block_by_serial(Path::new("/sys/block"), serial, &mut others)?;
         let dev = PathBuf::from("/dev").join(name);
         std::fs::File::open(&dev).ok().map(|_| dev)
     })
@@ -115,14 +133,26 @@ mod tests {
             }
         }
         assert_eq!(
-            find_block_by_serial(&dir, "pen-overlay").as_deref(),
+            find_block_by_serial(&dir, "pen-overlay", &mut HashSet::new()).as_deref(),
             Some("vdb")
         );
         assert_eq!(
-            find_block_by_serial(&dir, "pen-root").as_deref(),
+            find_block_by_serial(&dir, "pen-root", &mut HashSet::new()).as_deref(),
             Some("vda")
         );
-        assert_eq!(find_block_by_serial(&dir, "pen"), None);
+        assert_eq!(find_block_by_serial(&dir, "pen", &mut HashSet::new()), None);
+        let mut others = HashSet::new();
+        assert_eq!(
+            find_block_by_serial(&dir, "pen-overlay", &mut others).as_deref(),
+            Some("vdb")
+        );
+        // vda has another serial; loop0 none (not remembered: it may not be readable yet).
+        assert_eq!(others, HashSet::from(["vda".to_string()]));
+        std::fs::write(dir.join("vda").join("serial"), "pen-overlay\n").unwrap();
+        assert_eq!(
+            find_block_by_serial(&dir, "pen-overlay", &mut others).as_deref(),
+            Some("vdb")
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -46,6 +46,29 @@ pub fn warm(root: &Path) -> u64 {
     total
 }
 
+/// Runs `/usr/bin/true` from the root image at `root` (chrooted there) once and waits for it.
+/// After a restore QEMU's TCG translation cache is empty: this translates the kernel's
+/// fork/exec/exit paths, the loader and libc start-up while the boot waits for its
+/// hot-plugged disk, instead of in the first session. Reads nothing but the root image;
+/// failures are ignored (it is only a warm-up).
+pub fn warm_exec(root: &'static str) {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = std::process::Command::new("/usr/bin/true");
+    cmd.env_clear()
+        .stdin(std::process::Stdio::inherit())
+        .stdout(std::process::Stdio::inherit())
+        .stderr(std::process::Stdio::inherit());
+    // SAFETY: chroot and chdir are async-signal-safe; nothing is allocated in the child.
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::unistd::chroot(root)?;
+            nix::unistd::chdir("/")?;
+            Ok(())
+        });
+    }
+    let _ = cmd.status();
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
