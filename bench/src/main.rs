@@ -17,13 +17,12 @@
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use futures::{SinkExt, StreamExt};
 use pen_proto::{
     BootMode, ExecRequest, Frame, FrameCodec, GuestConfig, Message, CONTROL, PROTOCOL_VERSION,
-    WORKSPACE_TAG,
 };
 use tokio::net::UnixStream;
 use tokio_util::codec::Framed;
@@ -492,26 +491,9 @@ async fn floor_run(vfsd: &[String], qemu: &[String]) -> anyhow::Result<(Duration
     Ok((hello_at.unwrap_or(done_at), done_at))
 }
 
-/// What the supervisor sends after the snapshot point (see pen-core's `guest_config`).
+/// What the supervisor sends after the snapshot point.
 fn config() -> GuestConfig {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
-    let mut entropy = vec![0u8; 32];
-    let mut id = [0u8; 16];
-    getrandom::fill(&mut entropy).expect("getrandom");
-    getrandom::fill(&mut id).expect("getrandom");
-    GuestConfig {
-        hostname: VM.into(),
-        env: Vec::new(),
-        workspace_tag: Some(WORKSPACE_TAG.into()),
-        clock_secs: now.as_secs() as i64,
-        clock_nanos: now.subsec_nanos(),
-        mode: BootMode::Shell,
-        setup_script: None,
-        entropy,
-        machine_id: id.iter().map(|b| format!("{b:02x}")).collect(),
-    }
+    pen_core::supervisor::fresh_guest_config(VM, Vec::new(), BootMode::Shell, None)
 }
 
 fn children_of(parent: u32) -> Vec<u32> {

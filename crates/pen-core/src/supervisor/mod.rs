@@ -33,7 +33,7 @@ use crate::vm::{VmConfig, VmLock};
 use pen_proto::BootMode;
 
 pub use overlay::{check_overlay, overlay_marker, prepare_overlay};
-pub use serve::{remove_sockets as remove_stale_sockets, tail_lines};
+pub use serve::{fresh_guest_config, remove_sockets as remove_stale_sockets, tail_lines};
 
 /// What the spawner tells a new supervisor. Travels only over the stdin pipe: `env` holds
 /// values the user wants kept off every disk and out of every argv.
