@@ -128,10 +128,7 @@ pub fn ensure_running(home: &PenHome, vm: &VmConfig, opts: StartOptions) -> anyh
 /// An interactive shell in `/workspace` on a PTY (a plain session when stdin is not a
 /// terminal). Returns the shell's exit status.
 pub fn shell(home: &PenHome, name: &str, env: Vec<(String, String)>) -> anyhow::Result<i32> {
-    let tty = std::io::stdin().is_terminal().then(|| TtyRequest {
-        term: terminal::term(),
-        size: terminal::window_size(),
-    });
+    let tty = std::io::stdin().is_terminal().then(host_tty);
     let request = ExecRequest {
         argv: Vec::new(),
         env,
@@ -139,6 +136,14 @@ pub fn shell(home: &PenHome, name: &str, env: Vec<(String, String)>) -> anyhow::
         tty,
     };
     run_session(home, name, request, session::Kind::Shell)
+}
+
+/// A PTY shaped like this process's terminal, with its TERM.
+fn host_tty() -> TtyRequest {
+    TtyRequest {
+        term: terminal::term(),
+        size: terminal::window_size(),
+    }
 }
 
 /// Runs `argv` in the VM: stdin piped, stdout/stderr apart (`tty`: on a PTY instead).
@@ -150,10 +155,7 @@ pub fn exec(
     env: Vec<(String, String)>,
     tty: bool,
 ) -> anyhow::Result<i32> {
-    let tty = tty.then(|| TtyRequest {
-        term: terminal::term(),
-        size: terminal::window_size(),
-    });
+    let tty = tty.then(host_tty);
     let request = ExecRequest {
         argv,
         env,

@@ -49,12 +49,7 @@ pub(super) async fn run(
     loop {
         let outgoing = tokio::select! {
             frame = conn.framed.next() => {
-                let frame = match frame {
-                    Some(Ok(Ok(frame))) => frame,
-                    Some(Ok(Err(bad))) => anyhow::bail!("malformed frame from VM {name}'s supervisor: {bad}"),
-                    Some(Err(e)) => anyhow::bail!("lost the connection to VM {name}: {e}"),
-                    None => anyhow::bail!("lost the connection to VM {name}"),
-                };
+                let frame = received(frame, name)?;
                 if frame.session != CLIENT_SESSION {
                     // VM-wide notices (Shutdown, Log): the session's own end follows.
                     continue;
@@ -117,14 +112,7 @@ pub(super) async fn relay_output(
     stderr: &mut dyn Write,
 ) -> anyhow::Result<ExitStatus> {
     loop {
-        let frame = match conn.framed.next().await {
-            Some(Ok(Ok(frame))) => frame,
-            Some(Ok(Err(bad))) => {
-                anyhow::bail!("malformed frame from VM {name}'s supervisor: {bad}")
-            }
-            Some(Err(e)) => anyhow::bail!("lost the connection to VM {name}: {e}"),
-            None => anyhow::bail!("lost the connection to VM {name}"),
-        };
+        let frame = received(conn.framed.next().await, name)?;
         if frame.session != CLIENT_SESSION {
             continue;
         }
@@ -145,6 +133,20 @@ pub(super) async fn relay_output(
             Message::Error(e) => anyhow::bail!(e),
             _ => {}
         }
+    }
+}
+
+/// A frame read from the supervisor, or the error that ends the session: a malformed
+/// frame or a lost connection.
+fn received(
+    next: Option<std::io::Result<Result<Frame, pen_proto::DecodeError>>>,
+    name: &str,
+) -> anyhow::Result<Frame> {
+    match next {
+        Some(Ok(Ok(frame))) => Ok(frame),
+        Some(Ok(Err(bad))) => anyhow::bail!("malformed frame from VM {name}'s supervisor: {bad}"),
+        Some(Err(e)) => anyhow::bail!("lost the connection to VM {name}: {e}"),
+        None => anyhow::bail!("lost the connection to VM {name}"),
     }
 }
 
