@@ -25,6 +25,19 @@ use crate::accel::Accel;
 /// of hanging; pen-init talks to the host over the agent port, so the console stays quiet.
 pub const KERNEL_CMDLINE: &str = "console=ttyS0 panic=-1 quiet loglevel=3 rdinit=/init";
 
+/// The kernel command line of a VM: [`KERNEL_CMDLINE`], plus `pen.debug` when
+/// `guest_debug` is set (pen-init then logs its boot steps with timings to the console).
+pub fn kernel_cmdline(guest_debug: bool) -> String {
+    if guest_debug {
+        format!("{KERNEL_CMDLINE} pen.debug")
+    } else {
+        KERNEL_CMDLINE.to_string()
+    }
+}
+
+/// The environment variable that turns on [`kernel_cmdline`]'s `pen.debug`.
+pub const GUEST_DEBUG_ENV: &str = "PEN_GUEST_DEBUG";
+
 /// QEMU machine type.
 pub const MACHINE: &str = "q35";
 
@@ -49,6 +62,8 @@ pub struct QemuSpec {
     pub ram_fd: i32,
     /// Start paused, waiting for `migrate-incoming` (a snapshot restore).
     pub incoming: bool,
+    /// Boot with `pen.debug` (see [`kernel_cmdline`]).
+    pub guest_debug: bool,
     /// The VM's read/write overlay disk (raw); hot-plugged.
     pub overlay: PathBuf,
     /// Serial console output; truncated at each boot.
@@ -183,7 +198,7 @@ pub fn args(spec: &QemuSpec) -> Vec<OsString> {
     a.push("-initrd".into());
     a.push(spec.initrd.clone().into());
     a.push("-append".into());
-    a.push(KERNEL_CMDLINE.into());
+    a.push(kernel_cmdline(spec.guest_debug).into());
 
     a.push("-chardev".into());
     a.push(opt_path("file,id=console,path=", &spec.console_log));
@@ -318,6 +333,7 @@ mod tests {
             rootfs: "/h/images/rootfs.sqfs".into(),
             ram_fd: 7,
             incoming: false,
+            guest_debug: false,
             overlay: "/h/vms/dev/overlay.img".into(),
             console_log: "/h/vms/dev/console.log".into(),
             qmp_socket: "/run/pen/dev/qmp.sock".into(),

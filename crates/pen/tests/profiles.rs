@@ -667,3 +667,22 @@ fn a_full_disk_fails_the_build_cleanly_and_keeps_the_previous_image() {
         "the previous image is not whole: {show}"
     );
 }
+
+#[test]
+fn a_bad_build_ca_certs_setting_is_refused_before_any_builder_vm() {
+    let pen = Pen::new("prof-bad-ca");
+    let name = unique("it-ca");
+    write_profile(&pen, &name, "packages = [\"jq\"]\n");
+    let no_certs = pen.root.join("notes.crt");
+    std::fs::write(&no_certs, "not a certificate\n").unwrap();
+    for (value, words) in [
+        (pen.root.join("missing.pem"), ["PEN_BUILD_CA_CERTS", "cannot read it"]),
+        (no_certs, ["PEN_BUILD_CA_CERTS", "no PEM certificate"]),
+    ] {
+        let mut cmd = pen.cmd(&["image", "build", &name]);
+        cmd.env("PEN_BUILD_CA_CERTS", &value);
+        let out = run_cmd(cmd, None, TIMEOUT).usage_error(&words);
+        assert_eq!(builds(&out.stderr, &name), 0, "a builder VM ran:\n{out}");
+    }
+    assert!(!image_dir(&pen, &name).join("build.hash").exists());
+}

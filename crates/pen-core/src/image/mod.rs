@@ -6,6 +6,7 @@
 //! `images/modules/`), not the whole root.
 
 mod base;
+pub mod build_ca;
 pub mod initrd;
 pub mod profile_image;
 pub mod sources;

@@ -13,6 +13,7 @@ use anyhow::{bail, Context};
 use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 
+use super::build_ca::{self, ExtraCaCerts};
 use super::squashfs::Packer;
 use super::{BaseImage, FileIdentity};
 use crate::client::{self, StartOptions};
@@ -126,6 +127,8 @@ pub fn ensure(
 /// Builds `profile`'s image in a builder VM, or waits for a build of it already running
 /// and reuses the result when it matches.
 pub fn build(home: &PenHome, profile: &LoadedProfile, base: &BaseImage) -> anyhow::Result<PathBuf> {
+    // Checked before anything is created: a bad PEN_BUILD_CA_CERTS is a usage error.
+    let extra_ca = ExtraCaCerts::from_env()?;
     let dir = home.profile_image_dir(&profile.name);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let lock_file = std::fs::OpenOptions::new()
@@ -149,7 +152,7 @@ pub fn build(home: &PenHome, profile: &LoadedProfile, base: &BaseImage) -> anyho
         }
     };
     let progress = Progress::start(&format!("building profile {}'s image", profile.name));
-    let result = build_locked(home, profile, base, &progress);
+    let result = build_locked(home, profile, base, extra_ca.as_ref(), &progress);
     match &result {
         Ok(_) => progress.finish("done"),
         Err(_) => progress.abandon(),
@@ -187,6 +190,7 @@ fn build_locked(
     home: &PenHome,
     profile: &LoadedProfile,
     base: &BaseImage,
+    extra_ca: Option<&ExtraCaCerts>,
     progress: &Progress,
 ) -> anyhow::Result<PathBuf> {
     let dir = home.profile_image_dir(&profile.name);
@@ -246,9 +250,38 @@ fn build_locked(
     }
     let _stop = StopOnDrop(&builder_home);
 
-    let apt_env = vec![("DEBIAN_FRONTEND".to_string(), "noninteractive".to_string())];
-    let mut steps: Vec<(&str, Vec<String>)> =
-        vec![("apt-get update", argv(&["apt-get", "update"]))];
+    let mut step_env = vec![("DEBIAN_FRONTEND".to_string(), "noninteractive".to_string())];
+    let mut steps: Vec<(&str, Vec<String>)> = Vec::new();
+    if let Some(extra) = extra_ca {
+        let line = format!(
+            "pen: trusting {} extra CA certificate(s) from {} ({}) during this build only",
+            extra.certs.len(),
+            extra.source.display(),
+            build_ca::ENV
+        );
+        progress.println(&line);
+        writeln!(log, "{line}")?;
+        // Each certificate travels as one argv element: never pasted into a shell string.
+        for (path, pem) in extra.guest_files() {
+            steps.push((
+                "install extra CA certificates",
+                vec![
+                    "sh".into(),
+                    "-c".into(),
+                    r#"mkdir -p "${2%/*}" && printf '%s' "$1" > "$2""#.into(),
+                    "sh".into(),
+                    pem.to_string(),
+                    path,
+                ],
+            ));
+        }
+        steps.push((
+            "install extra CA certificates",
+            argv(&["update-ca-certificates"]),
+        ));
+        step_env.extend(ExtraCaCerts::build_env());
+    }
+    steps.push(("apt-get update", argv(&["apt-get", "update"])));
     if !profile.profile.packages.is_empty() {
         let mut install = argv(&["apt-get", "install", "-y", "--no-install-recommends"]);
         install.extend(profile.profile.packages.iter().cloned());
@@ -269,8 +302,26 @@ fn build_locked(
             "apt-get clean && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin",
         ]),
     ));
+    if extra_ca.is_some() {
+        // The image must not trust them: it would differ from one built without them.
+        steps.push((
+            "remove extra CA certificates",
+            vec![
+                "sh".into(),
+                "-c".into(),
+                format!(
+                    "rm -rf {} && update-ca-certificates --fresh",
+                    build_ca::GUEST_DIR
+                ),
+            ],
+        ));
+    }
+    let mut previous_step = "";
     for (step, command) in steps {
-        progress.println(&format!("pen: [{}] {step}", profile.name));
+        if step != previous_step {
+            progress.println(&format!("pen: [{}] {step}", profile.name));
+            previous_step = step;
+        }
         writeln!(log, "pen: step {step}: {command:?}")?;
         let mut out = LogSink {
             log: &mut log.try_clone()?,
@@ -287,7 +338,7 @@ fn build_locked(
             &builder_home,
             "builder",
             command,
-            apt_env.clone(),
+            step_env.clone(),
             &mut out,
             &mut err,
         )?;
@@ -299,13 +350,16 @@ fn build_locked(
         )?;
         if status.code() != 0 {
             keep_log(&log_tmp, &dir);
+            let tail = crate::supervisor::tail_lines(&dir.join("build.log"), 15);
+            let hint = build_ca::hint_for_log(&tail)
+                .map(|h| format!("\nhint: {h}"))
+                .unwrap_or_default();
             bail!(
-                "profile {}: step `{step}` failed with exit status {}{}; last lines of {}:\n{}",
+                "profile {}: step `{step}` failed with exit status {}{}; last lines of {}:\n{tail}{hint}",
                 profile.name,
                 status.code(),
                 full_disk_note(&dir, free_bytes(&dir)),
                 dir.join("build.log").display(),
-                crate::supervisor::tail_lines(&dir.join("build.log"), 15)
             );
         }
     }

@@ -120,7 +120,7 @@ fn identity(params: &Params, spec: &QemuSpec) -> anyhow::Result<(Identity, BootF
         cpus: spec.cpus,
         memory_mb: spec.memory_mb,
         layout_version: qemu::DEVICE_LAYOUT_VERSION,
-        kernel_cmdline: qemu::KERNEL_CMDLINE.to_string(),
+        kernel_cmdline: qemu::kernel_cmdline(spec.guest_debug),
         pen_version: crate::VERSION.to_string(),
     };
     Ok((identity, files))

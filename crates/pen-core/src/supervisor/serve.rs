@@ -28,7 +28,7 @@ use super::router::{ClientId, Router};
 use super::{Params, Report, Reporter};
 use crate::accel::Accel;
 use crate::paths::VmPaths;
-use crate::qemu::QemuSpec;
+use crate::qemu::{self, QemuSpec};
 use crate::qmp::Qmp;
 use crate::snapshot::{self, BootFiles, Committed, Identity, Pending};
 use crate::virtiofsd;
@@ -163,6 +163,8 @@ pub(super) async fn run(
         // Set when QEMU is started (machine.rs).
         ram_fd: -1,
         incoming: false,
+        guest_debug: std::env::var_os(qemu::GUEST_DEBUG_ENV)
+            .is_some_and(|v| !v.is_empty() && v != "0"),
         overlay: paths.overlay(),
         console_log: paths.console_log(),
         qmp_socket: paths.qmp_socket(),
