@@ -198,11 +198,7 @@ fn run(env: &Env) -> anyhow::Result<()> {
         env.wait_stopped()?;
         if launch.is_none() {
             let (vfsd, qemu) = launch_lines(&log)?;
-            let qemu = snapshots::floor_qemu_argv(
-                &qemu,
-                &env.vm_dir().join("overlay.img"),
-                &snapshots::vfs_socket(&vfsd)?,
-            )?;
+            let qemu = snapshots::floor_qemu_argv(&qemu, &snapshots::vfs_socket(&vfsd)?)?;
             launch = Some((vfsd, qemu));
         }
         let (vfsd_argv, qemu_argv) = launch.as_ref().expect("set above");

@@ -124,14 +124,10 @@ pub fn supervisor_of(home: &Path, name: &str) -> anyhow::Result<u32> {
 }
 
 /// pen's QEMU command line made standalone for the floor: pen passes guest RAM as a memfd
-/// it owns and hot-plugs the overlay disk and the workspace over QMP; the floor gets its
-/// own memfd backend and both devices on the command line (cheaper than hot-plugging, as
-/// a floor should be).
-pub fn floor_qemu_argv(
-    qemu: &[String],
-    overlay: &Path,
-    vfs_socket: &Path,
-) -> anyhow::Result<Vec<String>> {
+/// it owns and hot-plugs the workspace over QMP; the floor gets its own memfd backend and
+/// the workspace device on the command line (cheaper than hot-plugging, as a floor should
+/// be). The overlay disk is on pen's command line already.
+pub fn floor_qemu_argv(qemu: &[String], vfs_socket: &Path) -> anyhow::Result<Vec<String>> {
     let mut argv = Vec::new();
     let mut args = qemu.iter().peekable();
     while let Some(arg) = args.next() {
@@ -150,13 +146,6 @@ pub fn floor_qemu_argv(
         argv.push(arg.clone());
     }
     argv.extend([
-        "-drive".into(),
-        format!(
-            "file={},if=none,id=overlay,format=raw,cache=writeback,discard=unmap",
-            overlay.display()
-        ),
-        "-device".into(),
-        "virtio-blk-pci,drive=overlay,serial=pen-overlay".into(),
         "-chardev".into(),
         format!("socket,id=vfs,path={}", vfs_socket.display()),
         "-device".into(),
@@ -193,14 +182,13 @@ mod tests {
             "-object",
             "memory-backend-file,id=mem,size=2048M,mem-path=/proc/self/fd/19,share=on",
             "-device",
-            "pcie-root-port,id=pen-rp-overlay,chassis=1,slot=1",
+            "pcie-root-port,id=pen-rp-workspace,chassis=1,slot=1",
             "-incoming",
             "defer",
         ]
         .map(String::from)
         .to_vec();
-        let argv =
-            floor_qemu_argv(&pen, Path::new("/v/overlay.img"), Path::new("/r/vfs.sock")).unwrap();
+        let argv = floor_qemu_argv(&pen, Path::new("/r/vfs.sock")).unwrap();
         let line = argv.join(" ");
         assert!(
             line.contains("memory-backend-memfd,id=mem,size=2048M,share=on"),
@@ -208,7 +196,6 @@ mod tests {
         );
         assert!(!line.contains("/proc/self/fd"), "{line}");
         assert!(!line.contains("-incoming"), "{line}");
-        assert!(line.contains("file=/v/overlay.img,if=none"), "{line}");
         assert!(line.contains("socket,id=vfs,path=/r/vfs.sock"), "{line}");
     }
 

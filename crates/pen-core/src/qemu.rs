@@ -5,18 +5,22 @@
 //! Sockets and the console use explicit `-chardev` objects so that escaping applies to them
 //! too (the legacy `-serial file:` and `-qmp unix:` forms have their own parsers).
 //!
-//! Device layout (version [`DEVICE_LAYOUT_VERSION`]): the command line holds only what every
-//! VM of an image shares, so that a snapshot taken at the stage-1 point serves them all: root
-//! disk, network, RNG, the agent port, and empty PCIe root ports. What belongs to one VM,
-//! its overlay disk and the workspace device, is hot-plugged into those ports over QMP
-//! ([`hotplug_commands`]) after the snapshot point, on cold boots and restores alike: the
-//! guest kernel would otherwise remember another VM's disk size, and QEMU 7.2 cannot
-//! migrate vhost-user-fs at all.
+//! Device layout (version [`DEVICE_LAYOUT_VERSION`]): the command line is the same for every
+//! VM of an image apart from paths, so that a snapshot taken at the stage-1 point serves them
+//! all: root disk, overlay disk, network, RNG, the agent port, and an empty PCIe root port.
+//! The overlay disk sits at a fixed PCI slot ([`pen_proto::OVERLAY_DISK_PCI_SLOT`]) where
+//! pen-init keeps it without a driver until the VM's configuration arrives, so the snapshot
+//! holds no VM's disk size or blocks; each VM's QEMU opens its own overlay file. The
+//! workspace device is hot-plugged into the root port over QMP ([`hotplug_commands`]) after
+//! the snapshot point, on cold boots and restores alike: QEMU 7.2 cannot migrate
+//! vhost-user-fs at all.
 
 use std::ffi::{OsStr, OsString};
 use std::path::{Path, PathBuf};
 
-use pen_proto::{AGENT_PORT_NAME, OVERLAY_DISK_SERIAL, ROOT_DISK_SERIAL, WORKSPACE_TAG};
+use pen_proto::{
+    AGENT_PORT_NAME, OVERLAY_DISK_PCI_SLOT, OVERLAY_DISK_SERIAL, ROOT_DISK_SERIAL, WORKSPACE_TAG,
+};
 use serde_json::{json, Value};
 
 use crate::accel::Accel;
@@ -42,10 +46,9 @@ pub const GUEST_DEBUG_ENV: &str = "PEN_GUEST_DEBUG";
 pub const MACHINE: &str = "q35";
 
 /// Bumped whenever the devices on the command line (what a snapshot contains) change.
-pub const DEVICE_LAYOUT_VERSION: u32 = 1;
+pub const DEVICE_LAYOUT_VERSION: u32 = 2;
 
-/// PCIe root ports the per-VM devices are hot-plugged into.
-const OVERLAY_PORT: &str = "pen-rp-overlay";
+/// The PCIe root port the workspace device is hot-plugged into.
 const WORKSPACE_PORT: &str = "pen-rp-workspace";
 
 #[derive(Debug, Clone)]
@@ -64,7 +67,7 @@ pub struct QemuSpec {
     pub incoming: bool,
     /// Boot with `pen.debug` (see [`kernel_cmdline`]).
     pub guest_debug: bool,
-    /// The VM's read/write overlay disk (raw); hot-plugged.
+    /// The VM's read/write overlay disk (raw).
     pub overlay: PathBuf,
     /// Serial console output; truncated at each boot.
     pub console_log: PathBuf,
@@ -225,12 +228,30 @@ pub fn args(spec: &QemuSpec) -> Vec<OsString> {
     a.push("-device".into());
     a.push(format!("virtio-blk-pci,drive=root,serial={ROOT_DISK_SERIAL}").into());
 
+    a.push("-drive".into());
+    a.push(opt_path_suffix(
+        "file=",
+        &spec.overlay,
+        ",if=none,id=pen-overlay,format=raw,discard=unmap",
+    ));
+    a.push("-device".into());
+    // QEMU's default error policy pauses the whole VM when the host disk fills up, and pen
+    // would wait on it forever; the guest gets an I/O error instead.
+    a.push(
+        format!(
+            "virtio-blk-pci,drive=pen-overlay,id=pen-overlay-dev,serial={OVERLAY_DISK_SERIAL},\
+             werror=report,rerror=report,addr={OVERLAY_DISK_PCI_SLOT:#04x}"
+        )
+        .into(),
+    );
+
     let mut push = |items: &[&str]| a.extend(items.iter().map(OsString::from));
     push(&[
         "-netdev",
         "user,id=net0",
         "-device",
-        "virtio-net-pci,netdev=net0",
+        // No option ROM: the kernel is loaded directly, nothing boots from the network.
+        "virtio-net-pci,netdev=net0,romfile=",
         "-device",
         "virtio-rng-pci",
     ]);
@@ -246,12 +267,10 @@ pub fn args(spec: &QemuSpec) -> Vec<OsString> {
     a.push("-device".into());
     a.push(format!("virtserialport,bus=vser0.0,chardev=agent,name={AGENT_PORT_NAME}").into());
 
-    // Empty, for the hot-plugged per-VM devices. Every VM gets both, builder VMs included,
-    // so that one snapshot serves either.
-    for (chassis, port) in [(1, OVERLAY_PORT), (2, WORKSPACE_PORT)] {
-        a.push("-device".into());
-        a.push(format!("pcie-root-port,id={port},chassis={chassis},slot={chassis}").into());
-    }
+    // Empty, for the hot-plugged workspace device. Builder VMs get it too, so that one
+    // snapshot serves either.
+    a.push("-device".into());
+    a.push(format!("pcie-root-port,id={WORKSPACE_PORT},chassis=1,slot=1").into());
     if spec.incoming {
         a.push("-incoming".into());
         a.push("defer".into());
@@ -259,41 +278,15 @@ pub fn args(spec: &QemuSpec) -> Vec<OsString> {
     a
 }
 
-/// QMP commands that attach the VM's own devices, in order: the overlay disk (image locking
-/// stays on, so a second QEMU on the same overlay fails instead of corrupting it) and, when
-/// the VM has a workspace, the virtio-fs device. Paths travel as JSON strings, so they must
-/// be UTF-8.
+/// QMP commands that attach the VM's workspace device (virtio-fs), when it has one. Paths
+/// travel as JSON strings, so they must be UTF-8.
 pub fn hotplug_commands(spec: &QemuSpec) -> anyhow::Result<Vec<(&'static str, Value)>> {
     let utf8 = |p: &Path| {
         p.to_str()
             .map(str::to_string)
             .ok_or_else(|| anyhow::anyhow!("{} is not valid UTF-8", p.display()))
     };
-    let mut cmds = vec![
-        (
-            "blockdev-add",
-            json!({
-                "node-name": "pen-overlay",
-                "driver": "raw",
-                "discard": "unmap",
-                "file": {"driver": "file", "filename": utf8(&spec.overlay)?, "discard": "unmap"},
-            }),
-        ),
-        (
-            "device_add",
-            json!({
-                "driver": "virtio-blk-pci",
-                "id": "pen-overlay-dev",
-                "bus": OVERLAY_PORT,
-                "drive": "pen-overlay",
-                "serial": OVERLAY_DISK_SERIAL,
-                // QEMU's default pauses the whole VM when the host disk fills up, and pen
-                // would wait on it forever; the guest gets an I/O error instead.
-                "werror": "report",
-                "rerror": "report",
-            }),
-        ),
-    ];
+    let mut cmds = Vec::new();
     if let Some(sock) = &spec.virtiofs_socket {
         cmds.push((
             "chardev-add",
@@ -364,12 +357,13 @@ mod tests {
              -chardev socket,id=qmp,path=/run/pen/dev/qmp.sock,server=on,wait=off -mon chardev=qmp,mode=control \
              -drive file=/h/images/rootfs.sqfs,if=none,id=root,format=raw,readonly=on \
              -device virtio-blk-pci,drive=root,serial=pen-root \
-             -netdev user,id=net0 -device virtio-net-pci,netdev=net0 -device virtio-rng-pci \
+             -drive file=/h/vms/dev/overlay.img,if=none,id=pen-overlay,format=raw,discard=unmap \
+             -device virtio-blk-pci,drive=pen-overlay,id=pen-overlay-dev,serial=pen-overlay,werror=report,rerror=report,addr=0x10 \
+             -netdev user,id=net0 -device virtio-net-pci,netdev=net0,romfile= -device virtio-rng-pci \
              -device virtio-serial-pci,id=vser0 \
              -chardev socket,id=agent,path=/run/pen/dev/agent.sock,server=on,wait=off \
              -device virtserialport,bus=vser0.0,chardev=agent,name=org.pen.agent \
-             -device pcie-root-port,id=pen-rp-overlay,chassis=1,slot=1 \
-             -device pcie-root-port,id=pen-rp-workspace,chassis=2,slot=2"
+             -device pcie-root-port,id=pen-rp-workspace,chassis=1,slot=1"
         );
     }
 
@@ -381,39 +375,38 @@ mod tests {
     }
 
     #[test]
-    fn per_vm_devices_are_hotplugged_not_on_the_command_line() {
+    fn the_workspace_device_is_hotplugged_not_on_the_command_line() {
         let s = spec(Accel::Tcg);
         let line = joined(&s);
-        assert!(!line.contains("overlay.img"), "{line}");
         assert!(!line.contains("vhost-user-fs"), "{line}");
+        assert!(!line.contains("virtiofs.sock"), "{line}");
         let cmds = hotplug_commands(&s).unwrap();
         let names: Vec<&str> = cmds.iter().map(|(c, _)| *c).collect();
+        assert_eq!(names, ["chardev-add", "device_add"]);
         assert_eq!(
-            names,
-            ["blockdev-add", "device_add", "chardev-add", "device_add"]
-        );
-        assert_eq!(
-            cmds[0].1["file"]["filename"], "/h/vms/dev/overlay.img",
-            "{:?}",
-            cmds[0]
-        );
-        assert_eq!(cmds[1].1["bus"], OVERLAY_PORT);
-        assert_eq!(cmds[1].1["serial"], "pen-overlay");
-        assert_eq!(
-            cmds[2].1["backend"]["data"]["addr"]["data"]["path"],
+            cmds[0].1["backend"]["data"]["addr"]["data"]["path"],
             "/run/pen/dev/virtiofs.sock"
         );
-        assert_eq!(cmds[3].1["bus"], WORKSPACE_PORT);
-        assert_eq!(cmds[3].1["tag"], "workspace");
+        assert_eq!(cmds[1].1["bus"], WORKSPACE_PORT);
+        assert_eq!(cmds[1].1["tag"], "workspace");
     }
 
     #[test]
-    fn builder_vms_hotplug_only_the_overlay() {
+    fn the_overlay_disk_sits_at_the_slot_pen_init_holds() {
+        let line = joined(&spec(Accel::Tcg));
+        assert!(
+            line.contains("serial=pen-overlay,") && line.contains(",addr=0x10"),
+            "{line}"
+        );
+        assert_eq!(pen_proto::overlay_disk_pci_address(), "0000:00:10.0");
+    }
+
+    #[test]
+    fn builder_vms_hotplug_nothing() {
         let mut s = spec(Accel::Tcg);
         s.virtiofs_socket = None;
-        let cmds = hotplug_commands(&s).unwrap();
-        assert_eq!(cmds.len(), 2);
-        // The ports are there regardless: one snapshot serves both modes.
+        assert!(hotplug_commands(&s).unwrap().is_empty());
+        // The port is there regardless: one snapshot serves both modes.
         assert!(joined(&s).contains("pen-rp-workspace"));
     }
 

@@ -39,6 +39,47 @@ pub fn find() -> anyhow::Result<Virtiofsd> {
     Ok(Virtiofsd { path, flavour })
 }
 
+/// [`find`], remembering the flavour in `cache` (a file) for as long as the program's path,
+/// size and modification time stay the same: `--help` costs ~10 ms, on every VM start.
+pub fn find_cached(cache: &Path) -> anyhow::Result<Virtiofsd> {
+    let path = check()?;
+    let key = cache_key(&path);
+    let cached = std::fs::read_to_string(cache).ok().and_then(|text| {
+        let (flavour, cached_key) = text.split_once('\n')?;
+        let flavour = match flavour {
+            "rust" => Flavour::Rust,
+            _ => Flavour::C,
+        };
+        (Some(cached_key) == key.as_deref()).then_some(flavour)
+    });
+    if let Some(flavour) = cached {
+        return Ok(Virtiofsd { path, flavour });
+    }
+    let flavour = probe(&path)?;
+    if let Some(key) = key {
+        let name = match flavour {
+            Flavour::C => "c",
+            Flavour::Rust => "rust",
+        };
+        // Best effort: without the cache the next start probes again.
+        let _ = crate::fsutil::write_atomic(cache, format!("{name}\n{key}").as_bytes());
+    }
+    Ok(Virtiofsd { path, flavour })
+}
+
+/// What identifies one build of the program at `path`.
+fn cache_key(path: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).ok()?;
+    Some(format!(
+        "{}\n{}\n{}.{}",
+        path.display(),
+        meta.len(),
+        meta.mtime(),
+        meta.mtime_nsec()
+    ))
+}
+
 /// Where [`find`] would find virtiofsd, without running it: for a client's early check
 /// (the supervisor runs `find`; one `--help` per start, not two).
 pub fn check() -> anyhow::Result<PathBuf> {
@@ -131,6 +172,33 @@ mod tests {
 
     const C_HELP: &str = "usage: /usr/lib/qemu/virtiofsd [options]\n    -o cache=<mode>  cache mode\n    -o source=PATH  shared directory tree\n    --socket-path=PATH  path for the vhost-user socket\n";
     const RUST_HELP: &str = "Usage: virtiofsd [OPTIONS]\n      --shared-dir <shared_dir>\n      --socket-path <socket_path>\n      --cache <cache>\n";
+
+    #[test]
+    fn the_flavour_cache_is_used_while_the_program_is_unchanged() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = dir.path().join("flavour");
+        let key = cache_key(&check().unwrap_or_else(|_| PathBuf::from("/bin/sh")));
+        // Without a virtiofsd on this machine there is nothing to find; the key logic
+        // alone is checked.
+        let Ok(found) = find_cached(&cache) else {
+            assert!(key.is_some());
+            return;
+        };
+        let text = std::fs::read_to_string(&cache).unwrap();
+        assert!(text.ends_with(&key.unwrap()), "{text}");
+        // A cached answer wins while the key matches...
+        let other = if found.flavour == Flavour::C {
+            "rust"
+        } else {
+            "c"
+        };
+        let (_, rest) = text.split_once('\n').unwrap();
+        std::fs::write(&cache, format!("{other}\n{rest}")).unwrap();
+        assert_ne!(find_cached(&cache).unwrap().flavour, found.flavour);
+        // ...and is probed again when it does not.
+        std::fs::write(&cache, format!("{other}\n/elsewhere\n1\n2.3")).unwrap();
+        assert_eq!(find_cached(&cache).unwrap().flavour, found.flavour);
+    }
 
     #[test]
     fn flavours() {

@@ -55,6 +55,10 @@ pub async fn run(started: Instant) {
     let step =
         |what: &str| console::debug(&format!("{what} (+{} ms)", started.elapsed().as_millis()));
 
+    let overlay_held = match boot::disks::hold_overlay_disk(Path::new(SYS_PCI)) {
+        Ok(held) => held,
+        Err(e) => fail(None, BootError::new("overlay", e)).await,
+    };
     match boot::modules::load_modules(Path::new(boot::modules::MODULE_DIR)) {
         Ok(n) => step(&format!("{n} modules loaded")),
         Err(e) => fail(None, e).await,
@@ -91,7 +95,7 @@ pub async fn run(started: Instant) {
     // The boot steps below block the thread: let the writer send what is queued first.
     tokio::task::yield_now().await;
 
-    let vm = match configure(&config, &step) {
+    let vm = match configure(&config, overlay_held, &step) {
         Ok(vm) => vm,
         Err(e) => fail(Some(&link), e).await,
     };
@@ -244,12 +248,16 @@ struct Vm {
 }
 
 /// Steps 4-8 of the boot: everything that belongs to this one VM.
-fn configure(config: &GuestConfig, step: &dyn Fn(&str)) -> Result<Vm, BootError> {
+fn configure(
+    config: &GuestConfig,
+    overlay_held: bool,
+    step: &dyn Fn(&str),
+) -> Result<Vm, BootError> {
     boot::system::set_clock(config.clock_secs, config.clock_nanos)?;
     boot::system::add_entropy(&config.entropy)?;
 
     // Work that needs nothing from the overlay disk runs on a thread while this one waits
-    // for the hot-plugged disk (under TCG the second vCPU would otherwise idle): the network
+    // for the overlay disk's probe (under TCG the second vCPU would otherwise idle): the network
     // interfaces, then a warm-up run of a program from the root image (see
     // `prefetch::warm_exec`). The NIC is looked up here, before the switch of roots moves
     // /sys. The warm-up is not waited for: it cannot hold up the boot, and if it is still
@@ -266,6 +274,11 @@ fn configure(config: &GuestConfig, step: &dyn Fn(&str)) -> Result<Vm, BootError>
         .map_err(|e| BootError::new("network", format!("thread: {e}")))?;
 
     // 4. overlay disk
+    if overlay_held {
+        boot::disks::release_overlay_disk(Path::new(SYS_PCI))
+            .map_err(|e| BootError::new("overlay", e))?;
+        step("overlay disk bound");
+    }
     let dev = boot::disks::wait_for_disk(OVERLAY_DISK_SERIAL)
         .map_err(|e| BootError::new("overlay", e))?;
     step("overlay disk found");
@@ -312,6 +325,9 @@ fn configure(config: &GuestConfig, step: &dyn Fn(&str)) -> Result<Vm, BootError>
         overlay: Some(overlay),
     })
 }
+
+/// Where stage 1 finds PCI devices and drivers (the overlay disk is held and released here).
+const SYS_PCI: &str = "/sys/bus/pci";
 
 /// Marker of a finished first-boot setup; on the overlay, so it survives reboots.
 const SETUP_MARKER: &str = "/var/lib/pen/setup-done";

@@ -43,6 +43,17 @@ pub const WORKSPACE_TAG: &str = "workspace";
 pub const ROOT_DISK_SERIAL: &str = "pen-root";
 pub const OVERLAY_DISK_SERIAL: &str = "pen-overlay";
 
+/// PCI slot (bus 0, function 0) of the overlay disk. The disk is on QEMU's command line, so
+/// it is in every snapshot, but the guest leaves it without a driver until it has its
+/// configuration: a snapshot never holds one VM's disk size or blocks, and a restore needs
+/// no hot-plug.
+pub const OVERLAY_DISK_PCI_SLOT: u8 = 0x10;
+
+/// The overlay disk's PCI address as sysfs names it (`0000:00:10.0`).
+pub fn overlay_disk_pci_address() -> String {
+    format!("0000:00:{OVERLAY_DISK_PCI_SLOT:02x}.0")
+}
+
 /// One unit on the wire.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Frame {

@@ -676,7 +676,10 @@ fn a_bad_build_ca_certs_setting_is_refused_before_any_builder_vm() {
     let no_certs = pen.root.join("notes.crt");
     std::fs::write(&no_certs, "not a certificate\n").unwrap();
     for (value, words) in [
-        (pen.root.join("missing.pem"), ["PEN_BUILD_CA_CERTS", "cannot read it"]),
+        (
+            pen.root.join("missing.pem"),
+            ["PEN_BUILD_CA_CERTS", "cannot read it"],
+        ),
         (no_certs, ["PEN_BUILD_CA_CERTS", "no PEM certificate"]),
     ] {
         let mut cmd = pen.cmd(&["image", "build", &name]);

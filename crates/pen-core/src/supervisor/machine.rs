@@ -296,7 +296,7 @@ impl Stage1 {
         Ok((pending, qemu_version(&version)))
     }
 
-    /// Plugs in the VM's own devices (once). After a restore this happens before the guest
+    /// Plugs in the VM's workspace device (once). After a restore this happens before the guest
     /// runs, so that the guest's hotplug handling overlaps with our greeting round trip.
     pub async fn attach(&mut self) -> anyhow::Result<()> {
         if self.attached {

@@ -19,7 +19,7 @@ fn read_trimmed(path: &Path) -> Option<String> {
 /// `serial` file equals `serial`, skipping the devices in `others` and adding to it those
 /// found to have another serial. Polling with one such set reads each device's serial
 /// once: reading a virtio disk's `serial` is a request to the device, and the root disk
-/// would otherwise be asked at every poll while the boot waits for a hot-plugged disk.
+/// would otherwise be asked at every poll while the boot waits for the overlay disk.
 pub fn find_block_by_serial(
     sys_block: &Path,
     serial: &str,
@@ -75,9 +75,9 @@ pub fn poll_for<T>(timeout: Duration, mut probe: impl FnMut() -> Option<T>) -> O
 
 /// Waits for the block device with `serial` and its `/dev` node; returns the node's path.
 ///
-/// The node must also open: a disk hot-plugged after boot (the overlay disk) shows up in
-/// sysfs and `/dev` a moment before the kernel finishes registering it, and opening it in
-/// that window fails with ENXIO.
+/// The node must also open: a disk probed after boot (the overlay disk, or a hot-plugged
+/// one) shows up in sysfs and `/dev` a moment before the kernel finishes registering it,
+/// and opening it in that window fails with ENXIO.
 pub fn wait_for_disk(serial: &str) -> Result<PathBuf, String> {
     let mut others = HashSet::new();
     poll_for(DEVICE_TIMEOUT, || {
@@ -91,6 +91,49 @@ pub fn wait_for_disk(serial: &str) -> Result<PathBuf, String> {
             DEVICE_TIMEOUT.as_secs()
         )
     })
+}
+
+/// The driver the overlay disk's PCI function is held for until the configuration arrives.
+const VIRTIO_PCI_DRIVER: &str = "virtio-pci";
+/// A `driver_override` no driver matches.
+const NO_DRIVER: &str = "pen-none";
+
+/// Before `virtio_pci` loads: keeps the overlay disk's PCI function (at
+/// [`pen_proto::overlay_disk_pci_address`]) without a driver, so that stage 1 never probes
+/// it and the snapshot point holds nothing of this VM's disk. Returns whether the disk is
+/// held (false: the host put no device there, as in the benchmark's floor, and the disk
+/// binds as it appears).
+pub fn hold_overlay_disk(sys_pci: &Path) -> Result<bool, String> {
+    let dev = sys_pci
+        .join("devices")
+        .join(pen_proto::overlay_disk_pci_address());
+    if !dev.exists() {
+        return Ok(false);
+    }
+    if dev.join("driver").exists() {
+        return Err(format!(
+            "the overlay disk ({}) has a driver before stage 1 loaded one (virtio_pci built into the kernel?)",
+            dev.display()
+        ));
+    }
+    std::fs::write(dev.join("driver_override"), NO_DRIVER)
+        .map_err(|e| format!("holding the overlay disk: {}: {e}", dev.display()))?;
+    Ok(true)
+}
+
+/// After the configuration arrived: binds the held overlay disk to `virtio-pci`, which
+/// probes it (virtio-blk then reads this VM's disk).
+pub fn release_overlay_disk(sys_pci: &Path) -> Result<(), String> {
+    let address = pen_proto::overlay_disk_pci_address();
+    let dev = sys_pci.join("devices").join(&address);
+    std::fs::write(dev.join("driver_override"), VIRTIO_PCI_DRIVER)
+        .and_then(|()| {
+            std::fs::write(
+                sys_pci.join("drivers").join(VIRTIO_PCI_DRIVER).join("bind"),
+                &address,
+            )
+        })
+        .map_err(|e| format!("binding the overlay disk ({address}) to {VIRTIO_PCI_DRIVER}: {e}"))
 }
 
 /// Waits for the virtio-serial port named `port_name` and its `/dev` node.
@@ -172,6 +215,38 @@ mod tests {
             None
         );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_overlay_disk_is_held_then_bound_to_virtio_pci() {
+        let sys = tempdir("pci");
+        // No device in the slot: nothing to hold.
+        assert_eq!(hold_overlay_disk(&sys), Ok(false));
+        let dev = sys
+            .join("devices")
+            .join(pen_proto::overlay_disk_pci_address());
+        std::fs::create_dir_all(&dev).unwrap();
+        std::fs::create_dir_all(sys.join("drivers/virtio-pci")).unwrap();
+        assert_eq!(hold_overlay_disk(&sys), Ok(true));
+        assert_eq!(
+            std::fs::read_to_string(dev.join("driver_override")).unwrap(),
+            "pen-none"
+        );
+        release_overlay_disk(&sys).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(dev.join("driver_override")).unwrap(),
+            "virtio-pci"
+        );
+        assert_eq!(
+            std::fs::read_to_string(sys.join("drivers/virtio-pci/bind")).unwrap(),
+            "0000:00:10.0"
+        );
+        // Already bound before stage 1 could hold it: refused, the snapshot would keep it.
+        std::fs::create_dir_all(dev.join("driver")).unwrap();
+        assert!(hold_overlay_disk(&sys)
+            .unwrap_err()
+            .contains("virtio_pci built into"));
+        std::fs::remove_dir_all(&sys).unwrap();
     }
 
     #[test]

@@ -49,7 +49,7 @@ pub fn warm(root: &Path) -> u64 {
 /// Runs `/usr/bin/true` from the root image at `root` (chrooted there) once and waits for it.
 /// After a restore QEMU's TCG translation cache is empty: this translates the kernel's
 /// fork/exec/exit paths, the loader and libc start-up while the boot waits for its
-/// hot-plugged disk, instead of in the first session. Reads nothing but the root image;
+/// overlay disk, instead of in the first session. Reads nothing but the root image;
 /// failures are ignored (it is only a warm-up).
 pub fn warm_exec(root: &'static str) {
     use std::os::unix::process::CommandExt;
