@@ -57,6 +57,7 @@ fn parse_args() -> anyhow::Result<Opts> {
         images: default_images,
         memory: 2048,
     };
+    const USAGE: &str = "usage: pen-bench [--pen PATH] [--reps N] [--images DIR] [--memory MB]";
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let mut value = || args.next().context("missing value");
@@ -65,7 +66,11 @@ fn parse_args() -> anyhow::Result<Opts> {
             "--reps" => opts.reps = value()?.parse()?,
             "--images" => opts.images = Some(value()?.into()),
             "--memory" => opts.memory = value()?.parse()?,
-            _ => bail!("usage: pen-bench [--pen PATH] [--reps N] [--images DIR] [--memory MB]"),
+            "-h" | "--help" => {
+                println!("{USAGE}\nMethod and results: bench/README.md");
+                std::process::exit(0);
+            }
+            other => bail!("unknown argument {other:?}; {USAGE}"),
         }
     }
     Ok(opts)

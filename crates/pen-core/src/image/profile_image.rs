@@ -261,24 +261,7 @@ fn build_locked(
         );
         progress.println(&line);
         writeln!(log, "{line}")?;
-        // Each certificate travels as one argv element: never pasted into a shell string.
-        for (path, pem) in extra.guest_files() {
-            steps.push((
-                "install extra CA certificates",
-                vec![
-                    "sh".into(),
-                    "-c".into(),
-                    r#"mkdir -p "${2%/*}" && printf '%s' "$1" > "$2""#.into(),
-                    "sh".into(),
-                    pem.to_string(),
-                    path,
-                ],
-            ));
-        }
-        steps.push((
-            "install extra CA certificates",
-            argv(&["update-ca-certificates"]),
-        ));
+        steps.push(("install extra CA certificates", extra.install_command()));
         step_env.extend(ExtraCaCerts::build_env());
     }
     steps.push(("apt-get update", argv(&["apt-get", "update"])));
@@ -306,22 +289,11 @@ fn build_locked(
         // The image must not trust them: it would differ from one built without them.
         steps.push((
             "remove extra CA certificates",
-            vec![
-                "sh".into(),
-                "-c".into(),
-                format!(
-                    "rm -rf {} && update-ca-certificates --fresh",
-                    build_ca::GUEST_DIR
-                ),
-            ],
+            ExtraCaCerts::remove_command(),
         ));
     }
-    let mut previous_step = "";
     for (step, command) in steps {
-        if step != previous_step {
-            progress.println(&format!("pen: [{}] {step}", profile.name));
-            previous_step = step;
-        }
+        progress.println(&format!("pen: [{}] {step}", profile.name));
         writeln!(log, "pen: step {step}: {command:?}")?;
         let mut out = LogSink {
             log: &mut log.try_clone()?,
