@@ -501,7 +501,10 @@ fn a_failing_build_script_names_the_step_its_status_and_the_log_tail() {
     write_profile(
         &pen,
         &name,
-        &format!("build = \"\"\"\necho {token}\nexit 3\n\"\"\"\n"),
+        // The second line is what npm prints behind a TLS-intercepting proxy.
+        &format!(
+            "build = \"\"\"\necho {token}\necho 'npm ERR! code SELF_SIGNED_CERT_IN_CHAIN'\nexit 3\n\"\"\"\n"
+        ),
     );
     // Through `pen exec --profile`: the build on first use fails the command, before a VM.
     let out = exec_profile(&pen, "bf", &name, &["true"]);
@@ -515,6 +518,10 @@ fn a_failing_build_script_names_the_step_its_status_and_the_log_tail() {
     assert!(
         out.stderr.contains(&token),
         "the log tail is not shown:\n{out}"
+    );
+    assert!(
+        out.stderr.contains("hint: ") && out.stderr.contains("PEN_BUILD_CA_CERTS"),
+        "no hint for a TLS failure:\n{out}"
     );
     let dir = image_dir(&pen, &name);
     assert!(!dir.join("rootfs.sqfs").exists(), "an image was written");
