@@ -258,18 +258,22 @@ fn configure(
 
     // Work that needs nothing from the overlay disk runs on a thread while this one waits
     // for the overlay disk's probe (under TCG the second vCPU would otherwise idle): the network
-    // interfaces, then a warm-up run of a program from the root image (see
-    // `prefetch::warm_exec`). The NIC is looked up here, before the switch of roots moves
+    // interfaces, then a warm-up run of a program through a throwaway overlayfs of the root
+    // image (see `prefetch::warm_exec`). The NIC is looked up here, before the switch of roots moves
     // /sys. The warm-up is not waited for: it cannot hold up the boot, and if it is still
     // running once sessions start, the reaper discards its exit.
     let ifname = net::find_ethernet(Path::new("/sys/class/net"));
     let net_ifname = ifname.clone();
     let (net_tx, network) = std::sync::mpsc::channel();
+    // Taken now, before this thread can switch roots: the warm-up works in the initramfs.
+    let initramfs = boot::prefetch::InitramfsRoot::open();
     std::thread::Builder::new()
         .name("net".into())
         .spawn(move || {
             let _ = net_tx.send(net::bring_up(net_ifname.as_deref()));
-            boot::prefetch::warm_exec(boot::SYSROOT);
+            if let Ok(initramfs) = initramfs {
+                boot::prefetch::warm_exec(&initramfs, boot::SYSROOT);
+            }
         })
         .map_err(|e| BootError::new("network", format!("thread: {e}")))?;
 
