@@ -181,15 +181,16 @@ pub fn list_names(home: &PenHome) -> Vec<String> {
 
 impl Profile {
     /// The image cache key: sha256 over the canonical packages (sorted, deduplicated),
-    /// the build script, the base image identity and the builder version.
-    pub fn cache_key(&self, base_image_id: &str) -> String {
+    /// the build script, the identity of the base image's kernel and root (`base_root_id`,
+    /// see `BaseManifest::root_id`) and the builder version.
+    pub fn cache_key(&self, base_root_id: &str) -> String {
         let mut packages = self.packages.clone();
         packages.sort();
         packages.dedup();
         let canonical = serde_json::json!({
             "packages": packages,
             "build": self.build.as_deref().unwrap_or(""),
-            "base": base_image_id,
+            "base": base_root_id,
             "builder": BUILDER_VERSION,
         });
         hex::encode(Sha256::digest(canonical.to_string().as_bytes()))

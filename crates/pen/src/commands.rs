@@ -547,7 +547,7 @@ fn profile_status_text(home: &PenHome, loaded: &LoadedProfile) -> String {
     match image::BaseImage::load(home) {
         None => "missing (base image not built)".to_string(),
         Some(base) => {
-            let key = loaded.profile.cache_key(&base.manifest.image_id);
+            let key = profile_image::cache_key(loaded, &base);
             match profile_image::status(home, loaded, &base) {
                 ImageStatus::Built(_) => format!("built {}", &key[..12]),
                 ImageStatus::Stale(m) => {

@@ -59,6 +59,17 @@ pub struct BaseManifest {
     pub created_at: u64,
 }
 
+impl BaseManifest {
+    /// Identity of the kernel and the root image, without the initrd: what profile images
+    /// are built from. The initrd holds pen-init, which changes with every pen release and
+    /// never reaches a profile image's root; keying on it would rebuild every profile image
+    /// at each upgrade. (The kernel's modules live in the root image; the two are built
+    /// together.)
+    pub fn root_id(&self) -> String {
+        sha256_hex(format!("{}\n{}\n", self.kernel.sha256, self.rootfs.sha256).as_bytes())
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileIdentity {
     pub sha256: String,
@@ -196,6 +207,38 @@ pub fn list(home: &PenHome) -> Vec<ImageRow> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn root_id_ignores_the_initrd() {
+        let id = |sha: &str| FileIdentity {
+            sha256: sha.into(),
+            size: 1,
+        };
+        let mut m = BaseManifest {
+            image_id: String::new(),
+            suite: "bookworm".into(),
+            kernel_version: "6.1".into(),
+            kernel: id("k"),
+            initrd: id("i1"),
+            rootfs: id("r"),
+            pen_init_sha256: String::new(),
+            packages: Vec::new(),
+            pen_version: String::new(),
+            created_at: 0,
+        };
+        let root = m.root_id();
+        m.initrd = id("i2");
+        assert_eq!(
+            m.root_id(),
+            root,
+            "a new pen-init must not rebuild profile images"
+        );
+        m.rootfs = id("r2");
+        assert_ne!(m.root_id(), root);
+        m.rootfs = id("r");
+        m.kernel = id("k2");
+        assert_ne!(m.root_id(), root);
+    }
 
     #[test]
     fn build_time_hash_is_the_embedded_binarys() {

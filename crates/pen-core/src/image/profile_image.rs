@@ -32,10 +32,18 @@ const BUILDER_DISK: u64 = 32 << 30;
 pub struct ProfileImageManifest {
     pub profile: String,
     pub cache_key: String,
-    pub base_image_id: String,
+    /// The base image's [`super::BaseManifest::root_id`] it was built from.
+    #[serde(alias = "base_image_id")]
+    pub base_root_id: String,
     pub rootfs: FileIdentity,
     pub packages: Vec<String>,
     pub created_at: u64,
+}
+
+/// The cache key of `profile`'s image on `base`: packages, build script, the base image's
+/// kernel and root (not its initrd), builder version.
+pub fn cache_key(profile: &LoadedProfile, base: &BaseImage) -> String {
+    profile.profile.cache_key(&base.manifest.root_id())
 }
 
 /// Where a profile's image stands.
@@ -94,7 +102,7 @@ pub fn status(home: &PenHome, profile: &LoadedProfile, base: &BaseImage) -> Imag
                     == std::fs::metadata(&rootfs).map(|m| m.len()).unwrap_or(0)
                 && squashfs_intact(&rootfs) =>
         {
-            if manifest.cache_key == profile.profile.cache_key(&base.manifest.image_id) {
+            if manifest.cache_key == cache_key(profile, base) {
                 ImageStatus::Built(manifest)
             } else {
                 ImageStatus::Stale(manifest)
@@ -194,7 +202,7 @@ fn build_locked(
     progress: &Progress,
 ) -> anyhow::Result<PathBuf> {
     let dir = home.profile_image_dir(&profile.name);
-    let key = profile.profile.cache_key(&base.manifest.image_id);
+    let key = cache_key(profile, base);
     // The builder VM lives in a private PEN_HOME inside the image directory: it never shows
     // in `pen list` and disappears with the build.
     let scratch = tempfile::Builder::new()
@@ -363,7 +371,7 @@ fn build_locked(
     let manifest = ProfileImageManifest {
         profile: profile.name.clone(),
         cache_key: key.clone(),
-        base_image_id: base.manifest.image_id.clone(),
+        base_root_id: base.manifest.root_id(),
         rootfs: FileIdentity::of(&rootfs)?,
         packages: profile.profile.packages.clone(),
         created_at: now_secs(),
