@@ -184,16 +184,7 @@ pub fn run_captured(
     let paths = VmPaths::new(home, name);
     let rt = runtime()?;
     rt.block_on(async {
-        let mut conn = connect(&paths)
-            .await?
-            .ok_or_else(|| anyhow::anyhow!("VM {name} is not running"))?;
-        match wait_ready(&mut conn, |_| {}).await? {
-            Readiness::Ready => {}
-            Readiness::Stopping => anyhow::bail!("VM {name} is stopping"),
-            Readiness::Failed(msg) => anyhow::bail!(msg),
-            Readiness::Gone => anyhow::bail!("VM {name} stopped"),
-        }
-        release_hold();
+        let mut conn = session_connection(&paths, name).await?;
         let request = ExecRequest {
             argv,
             env,
@@ -290,22 +281,28 @@ fn run_session(
     let paths = VmPaths::new(home, name);
     let rt = runtime()?;
     let code = rt.block_on(async {
-        let mut conn = connect(&paths)
-            .await?
-            .ok_or_else(|| anyhow::anyhow!("VM {name} is not running"))?;
-        match wait_ready(&mut conn, |_| {}).await? {
-            Readiness::Ready => {}
-            Readiness::Stopping => anyhow::bail!("VM {name} is stopping"),
-            Readiness::Failed(msg) => anyhow::bail!(msg),
-            Readiness::Gone => anyhow::bail!("VM {name} stopped"),
-        }
-        // Our own connection now keeps the VM up.
-        release_hold();
+        let conn = session_connection(&paths, name).await?;
         session::run(conn, name, request, kind).await
     });
     // The stdin reader thread may sit in a blocking read; do not wait for it.
     rt.shutdown_background();
     code
+}
+
+/// A connection for one session on the ready VM `name`. Once it is open it keeps the VM up,
+/// so the hold taken by [`ensure_running`] is released.
+async fn session_connection(paths: &VmPaths, name: &str) -> anyhow::Result<Conn> {
+    let mut conn = connect(paths)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("VM {name} is not running"))?;
+    match wait_ready(&mut conn, |_| {}).await? {
+        Readiness::Ready => {}
+        Readiness::Stopping => anyhow::bail!("VM {name} is stopping"),
+        Readiness::Failed(msg) => anyhow::bail!(msg),
+        Readiness::Gone => anyhow::bail!("VM {name} stopped"),
+    }
+    release_hold();
+    Ok(conn)
 }
 
 /// A handshaken connection to a supervisor.
