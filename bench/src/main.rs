@@ -494,7 +494,7 @@ async fn floor_run(vfsd: &[String], qemu: &[String]) -> anyhow::Result<(Duration
 
 /// What the supervisor sends after the snapshot point.
 fn config() -> GuestConfig {
-    pen_core::supervisor::fresh_guest_config(VM, Vec::new(), BootMode::Shell, None)
+    pen_vm::supervisor::fresh_guest_config(VM, Vec::new(), BootMode::Shell, None)
 }
 
 fn children_of(parent: u32) -> Vec<u32> {

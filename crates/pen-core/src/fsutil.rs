@@ -1,10 +1,11 @@
 //! File helpers. Every file pen writes that others read goes through [`write_atomic`], so a
 //! reader never sees half a file and a crash never leaves one.
 
-use std::io::Write;
-use std::path::Path;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
+use sha2::{Digest, Sha256};
 
 /// Writes `contents` to a temporary file beside `path`, fsyncs it and renames it into place.
 pub fn write_atomic(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
@@ -19,6 +20,40 @@ pub fn write_atomic(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
         .with_context(|| format!("renaming into {}", path.display()))?;
     sync_dir(dir);
     Ok(())
+}
+
+/// First executable file called `name` in `PATH`.
+pub fn find_in_path(name: &str) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|p| {
+            p.metadata()
+                .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+                .unwrap_or(false)
+        })
+}
+
+/// The last `n` lines of a file (reads at most its last 64 KiB).
+pub fn tail_lines(path: &Path, n: usize) -> String {
+    let Ok(mut file) = std::fs::File::open(path) else {
+        return String::new();
+    };
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let start = len.saturating_sub(64 * 1024);
+    let mut bytes = Vec::new();
+    if file.seek(SeekFrom::Start(start)).is_err() || file.read_to_end(&mut bytes).is_err() {
+        return String::new();
+    }
+    let text = String::from_utf8_lossy(&bytes);
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// Lowercase hex sha256 of `bytes`.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
 }
 
 /// Makes a rename durable. Best effort: some filesystems refuse fsync on directories.
@@ -54,6 +89,17 @@ pub fn disk_usage(path: &Path) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tail_of_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("console.log");
+        let text: String = (1..=30).map(|i| format!("line {i}\n")).collect();
+        std::fs::write(&p, text).unwrap();
+        let tail = tail_lines(&p, 3);
+        assert_eq!(tail, "line 28\nline 29\nline 30");
+        assert_eq!(tail_lines(&dir.path().join("none"), 3), "");
+    }
 
     #[test]
     fn atomic_write_replaces_whole_file() {

@@ -1,22 +1,15 @@
-//! The pen library. One module per concern; the `pen` binary is a thin CLI over it.
+//! pen's data: what things are and where they live. Nothing here starts a process; the
+//! runtime (`pen-vm`) boots VMs from this data, builders (`pen-build`) sit on the runtime,
+//! and the `pen` binary on top.
 //!
 //! * [`paths`]: where everything lives (`$PEN_HOME`, runtime sockets).
 //! * [`names`], [`size`], [`envspec`]: validation of user input.
 //! * [`vm`]: a VM's recorded configuration (`vm.json`), its lock, its status.
 //! * [`profile`]: profile files and their image cache key.
-//! * [`image`]: building and listing the base image (kernel, initrd, root squashfs) and
-//!   profile images (built in a builder VM).
-//! * [`accel`], [`qemu`], [`virtiofsd`]: host capabilities and the processes a VM needs;
-//!   [`qmp`] talks to a running QEMU.
-//! * [`snapshot`]: saved guest state that starts a VM without a kernel boot.
-//! * [`supervisor`]: the per-VM process that owns QEMU, virtiofsd, the lock and the agent link.
-//! * [`client`]: `pen shell` / `pen exec` / `pen stop` as clients of a supervisor.
-//! * [`doctor`]: host dependency checks; [`progress`]: spinners for long steps;
-//!   [`fsutil`]: atomic writes.
+//! * [`image`]: what an image is: the base image's manifest and files, profile images and
+//!   their status.
+//! * [`fsutil`]: atomic writes, hashing, file helpers; [`progress`]: spinners for long steps.
 
-pub mod accel;
-pub mod client;
-pub mod doctor;
 pub mod envspec;
 pub mod error;
 pub mod fsutil;
@@ -25,12 +18,7 @@ pub mod names;
 pub mod paths;
 pub mod profile;
 pub mod progress;
-pub mod qemu;
-pub mod qmp;
 pub mod size;
-pub mod snapshot;
-pub mod supervisor;
-pub mod virtiofsd;
 pub mod vm;
 
 pub use error::UsageError;

@@ -141,6 +141,24 @@ impl VmPaths {
     pub fn virtiofs_socket(&self) -> PathBuf {
         self.runtime.join("virtiofs.sock")
     }
+    pub fn migrate_socket(&self) -> PathBuf {
+        self.runtime.join("migrate.sock")
+    }
+
+    /// Removes the VM's runtime sockets (and the directory, when empty): a supervisor's
+    /// leftovers, called only by whoever holds the VM's lock.
+    pub fn remove_sockets(&self) {
+        for sock in [
+            self.supervisor_socket(),
+            self.agent_socket(),
+            self.qmp_socket(),
+            self.virtiofs_socket(),
+            self.migrate_socket(),
+        ] {
+            let _ = std::fs::remove_file(sock);
+        }
+        let _ = std::fs::remove_dir(&self.runtime);
+    }
 }
 
 #[cfg(test)]

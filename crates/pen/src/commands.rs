@@ -4,14 +4,17 @@ use std::io::{IsTerminal, Read, Seek, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use pen_core::accel::Accel;
-use pen_core::client::{self, StartOptions};
-use pen_core::image::profile_image::{self, ImageStatus};
+use pen_build::profile as profile_build;
+use pen_core::image::profile::{self as profile_image, ImageStatus};
+use pen_core::image::BaseImage;
 use pen_core::paths::{PenHome, VmPaths};
 use pen_core::profile::{self, LoadedProfile};
 use pen_core::vm::{self, CreationFlags, Status, VmConfig};
-use pen_core::{envspec, image, names, size, usage, UsageError};
+use pen_core::{envspec, names, size, usage, UsageError};
+use pen_vm::accel::Accel;
+use pen_vm::client::{self, StartOptions};
 
+use crate::catalog;
 use crate::cli::{Command, CreateArgs, ImageCommand, ProfileCommand};
 
 /// Overlay disks holding more than this need `--force` (or a yes) to delete.
@@ -55,7 +58,7 @@ pub fn run(command: Command) -> anyhow::Result<i32> {
         Command::Image {
             command: ImageCommand::Build { profile: None, .. },
         } => {
-            let image = image::build_base(&home)?;
+            let image = pen_build::build_base(&home)?;
             println!("base image {} ready", &image.manifest.image_id[..12]);
             Ok(0)
         }
@@ -67,7 +70,7 @@ pub fn run(command: Command) -> anyhow::Result<i32> {
                 },
         } => {
             let loaded = profile::load(&home, &name)?;
-            let base = image::ensure_base(&home)?;
+            let base = pen_build::ensure_base(&home)?;
             match profile_image::status(&home, &loaded, &base) {
                 ImageStatus::Built(m) => {
                     println!(
@@ -76,7 +79,7 @@ pub fn run(command: Command) -> anyhow::Result<i32> {
                     )
                 }
                 _ => {
-                    profile_image::build(&home, &loaded, &base)?;
+                    profile_build::build(&home, &loaded, &base)?;
                     println!("profile {name}'s image is built");
                 }
             }
@@ -94,11 +97,11 @@ pub fn run(command: Command) -> anyhow::Result<i32> {
         Command::Image {
             command: ImageCommand::Prune,
         } => {
-            let pruned = pen_core::snapshot::prune(&home);
+            let pruned = pen_vm::snapshot::prune(&home);
             for p in &pruned {
                 println!(
                     "removed snapshot {} ({}): {}",
-                    pen_core::snapshot::short_key(&p.key),
+                    pen_vm::snapshot::short_key(&p.key),
                     size::human(p.size),
                     p.reason
                 );
@@ -116,18 +119,18 @@ pub fn run(command: Command) -> anyhow::Result<i32> {
                 "pen {} (protocol {}, pen-init {})",
                 pen_core::VERSION,
                 pen_proto::PROTOCOL_VERSION,
-                &image::pen_init_sha256()[..12]
+                &pen_build::pen_init_sha256()[..12]
             );
             Ok(0)
         }
-        Command::Doctor => Ok(if pen_core::doctor::run(&home) { 0 } else { 1 }),
+        Command::Doctor => Ok(if crate::doctor::run(&home) { 0 } else { 1 }),
         Command::Completions { shell } => {
             let mut cmd = <crate::cli::Cli as clap::CommandFactory>::command();
             clap_complete::generate(shell, &mut cmd, "pen", &mut std::io::stdout());
             Ok(0)
         }
         Command::Supervise { name } => {
-            pen_core::supervisor::main(&home, &name)?;
+            pen_vm::supervisor::main(&home, &name)?;
             Ok(0)
         }
     }
@@ -158,15 +161,15 @@ fn prepare(home: &PenHome, name: Option<&str>, args: &CreateArgs) -> anyhow::Res
     // Checked here too, so a bad --env never gets as far as creating the VM.
     resolve_env(args)?;
     // --accel, then PEN_ACCEL: a bad value is refused before anything is built or written.
-    pen_core::accel::choose(parse_accel(args)?)?;
+    pen_vm::accel::choose(parse_accel(args)?)?;
 
     let paths = VmPaths::new(home, &name);
     let existing = VmConfig::load(&paths)?;
     let running = vm::status(&paths).0 == Status::Running;
     if !running {
         // Before vm.json is written: a host that cannot run the VM leaves nothing behind.
-        pen_core::qemu::binary()?;
-        pen_core::virtiofsd::check()?;
+        pen_vm::qemu::binary()?;
+        pen_vm::virtiofsd::check()?;
     }
     let default_dir = check_dir(Path::new("."))?;
     if let Some(loaded) = &loaded {
@@ -295,7 +298,7 @@ fn start(
     keep_running: bool,
 ) -> anyhow::Result<Vec<(String, String)>> {
     let env = resolve_env(args)?;
-    let base = image::ensure_base(home)?;
+    let base = pen_build::ensure_base(home)?;
     let (rootfs, setup_script, image_id) = match &vm.profile {
         None => (base.rootfs.clone(), None, base.manifest.image_id.clone()),
         Some(name) => {
@@ -305,9 +308,9 @@ fn start(
                     vm.name
                 )
             })?;
-            let rootfs = profile_image::ensure(home, &loaded, &base)?;
+            let rootfs = profile_build::ensure(home, &loaded, &base)?;
             note_setup_change(vm, &loaded);
-            let image_id = pen_core::snapshot::profile_image_id(&base.manifest.image_id, &rootfs);
+            let image_id = pen_vm::snapshot::profile_image_id(&base.manifest.image_id, &rootfs);
             (rootfs, loaded.profile.setup.clone(), image_id)
         }
     };
@@ -483,8 +486,7 @@ fn logs(home: &PenHome, name: &str, follow: bool) -> anyhow::Result<i32> {
 }
 
 fn image_list(home: &PenHome, json: bool) -> anyhow::Result<i32> {
-    let mut rows = image::list(home);
-    rows.extend(profile_image_rows(home));
+    let rows = catalog::list(home);
     if json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
         return Ok(0);
@@ -510,41 +512,8 @@ fn image_list(home: &PenHome, json: bool) -> anyhow::Result<i32> {
     Ok(0)
 }
 
-/// `pen image list` rows for profile images (built, stale or damaged ones; not missing).
-fn profile_image_rows(home: &PenHome) -> Vec<image::ImageRow> {
-    let base = image::BaseImage::load(home);
-    let mut rows = Vec::new();
-    for name in profile::list_names(home) {
-        let Ok(loaded) = profile::load(home, &name) else {
-            continue;
-        };
-        let rootfs = profile_image::rootfs_path(home, &name);
-        let status = match &base {
-            Some(base) => profile_image::status(home, &loaded, base),
-            None => ImageStatus::Missing { damaged: false },
-        };
-        let (created_at, label) = match &status {
-            ImageStatus::Missing { damaged: false } if !rootfs.exists() => continue,
-            ImageStatus::Built(m) => (Some(m.created_at), "built".to_string()),
-            ImageStatus::Stale(m) => (
-                Some(m.created_at),
-                "stale (rebuilt on next use)".to_string(),
-            ),
-            ImageStatus::Missing { .. } => (None, "damaged (rebuilt on next use)".to_string()),
-        };
-        rows.push(image::ImageRow {
-            name: format!("profile/{name}"),
-            kind: format!("{} packages", loaded.profile.packages.len()),
-            size: std::fs::metadata(&rootfs).map(|m| m.len()).unwrap_or(0),
-            created_at,
-            status: label,
-        });
-    }
-    rows
-}
-
 fn profile_status_text(home: &PenHome, loaded: &LoadedProfile) -> String {
-    match image::BaseImage::load(home) {
+    match BaseImage::load(home) {
         None => "missing (base image not built)".to_string(),
         Some(base) => {
             let key = profile_image::cache_key(loaded, &base);

@@ -1,7 +1,10 @@
-//! `pen`: a thin command line over the pen-core library.
+//! `pen`: a thin command line over the pen libraries: `pen-core` (data), `pen-vm` (the
+//! runtime) and `pen-build` (image builders).
 
+mod catalog;
 mod cli;
 mod commands;
+mod doctor;
 
 use std::process::ExitCode;
 

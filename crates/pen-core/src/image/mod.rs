@@ -1,16 +1,11 @@
-//! Images: the base image (kernel, boot initrd, root squashfs) every VM boots from.
+//! What an image *is*: the base image (kernel, boot initrd, root squashfs) every VM boots
+//! from, and profile images ([`profile`]). Data, identities and checks only: nothing here
+//! starts a process. How images are made lives in `pen-build`, above the runtime.
 //!
-//! `images/base.json` is the base image's identity and is written last: a build that dies
-//! half way leaves either the previous complete image or none, never a mix. A change of the
-//! embedded `pen-init` only regenerates the initrd (from the modules kept in
-//! `images/modules/`), not the whole root.
+//! `images/base.json` is the base image's identity and is written last by the builder: a
+//! build that dies half way leaves either the previous complete image or none, never a mix.
 
-mod base;
-pub mod build_ca;
-pub mod initrd;
-pub mod profile_image;
-pub mod sources;
-mod squashfs;
+pub mod profile;
 
 use std::path::{Path, PathBuf};
 
@@ -18,30 +13,8 @@ use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::fsutil::write_atomic;
+use crate::fsutil::sha256_hex;
 use crate::paths::PenHome;
-
-pub use base::build_base;
-
-/// The guest agent binary, built static by `build.rs`.
-pub static PEN_INIT: &[u8] = include_bytes!(env!("PEN_INIT_PATH"));
-
-/// sha256 of [`PEN_INIT`], computed by `build.rs`.
-pub fn pen_init_sha256() -> String {
-    env!("PEN_INIT_SHA256").to_string()
-}
-
-/// Packages installed into the base image on top of Debian's minbase variant.
-pub const BASE_PACKAGES: &[&str] = &[
-    "linux-image-cloud-amd64",
-    "e2fsprogs",
-    "iproute2",
-    "ca-certificates",
-    "netbase",
-    "procps",
-    "less",
-    "bash-completion",
-];
 
 /// `images/base.json`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -89,17 +62,13 @@ impl FileIdentity {
     }
 
     /// Cheap check that the file on disk is still the one recorded (same size).
-    fn matches(&self, path: &Path) -> bool {
+    pub fn matches(&self, path: &Path) -> bool {
         std::fs::metadata(path).is_ok_and(|m| m.len() == self.size)
     }
 }
 
 pub fn image_id(kernel: &FileIdentity, initrd: &FileIdentity, rootfs: &FileIdentity) -> String {
     sha256_hex(format!("{}\n{}\n{}\n", kernel.sha256, initrd.sha256, rootfs.sha256).as_bytes())
-}
-
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    hex::encode(Sha256::digest(bytes))
 }
 
 /// The files a VM boots from.
@@ -128,80 +97,6 @@ impl BaseImage {
             && m.rootfs.matches(&image.rootfs))
         .then_some(image)
     }
-}
-
-/// The base image, built first if missing or damaged, its initrd refreshed if this pen
-/// carries a different pen-init.
-pub fn ensure_base(home: &PenHome) -> anyhow::Result<BaseImage> {
-    match BaseImage::load(home) {
-        Some(image) if image.manifest.pen_init_sha256 == pen_init_sha256() => Ok(image),
-        Some(image) => base::refresh_initrd(home, image),
-        None => build_base(home),
-    }
-}
-
-/// Writes `base.json` for the files now in place.
-fn write_manifest(home: &PenHome, manifest: &BaseManifest) -> anyhow::Result<()> {
-    let mut json = serde_json::to_vec_pretty(manifest)?;
-    json.push(b'\n');
-    write_atomic(&home.base_manifest(), &json)
-}
-
-/// One row of `pen image list`.
-#[derive(Debug, Clone, Serialize)]
-pub struct ImageRow {
-    pub name: String,
-    pub kind: String,
-    pub size: u64,
-    pub created_at: Option<u64>,
-    pub status: String,
-}
-
-pub fn list(home: &PenHome) -> Vec<ImageRow> {
-    let mut rows = Vec::new();
-    match BaseImage::load(home) {
-        Some(base) => {
-            let size = [&base.kernel, &base.initrd, &base.rootfs]
-                .iter()
-                .map(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))
-                .sum();
-            let status = if base.manifest.pen_init_sha256 == pen_init_sha256() {
-                "ready".to_string()
-            } else {
-                "initrd outdated (refreshed on next start)".to_string()
-            };
-            rows.push(ImageRow {
-                name: "base".into(),
-                kind: format!(
-                    "debian {} / kernel {}",
-                    base.manifest.suite, base.manifest.kernel_version
-                ),
-                size,
-                created_at: Some(base.manifest.created_at),
-                status,
-            });
-        }
-        None => rows.push(ImageRow {
-            name: "base".into(),
-            kind: "-".into(),
-            size: 0,
-            created_at: None,
-            status: "missing (built on first use, or `pen image build --base`)".into(),
-        }),
-    }
-    for snap in crate::snapshot::list(home) {
-        rows.push(ImageRow {
-            name: format!("snap-{}", &snap.key[..snap.key.len().min(11)]),
-            kind: format!("snapshot: {}", snap.describe),
-            size: snap.size,
-            created_at: snap.created_at,
-            status: match snap.stale {
-                None => "ready".into(),
-                Some(why) => format!("stale: {why} (`pen image prune` removes it)"),
-            },
-        });
-    }
-    rows
 }
 
 #[cfg(test)]
@@ -238,10 +133,5 @@ mod tests {
         m.rootfs = id("r");
         m.kernel = id("k2");
         assert_ne!(m.root_id(), root);
-    }
-
-    #[test]
-    fn build_time_hash_is_the_embedded_binarys() {
-        assert_eq!(pen_init_sha256(), sha256_hex(PEN_INIT));
     }
 }

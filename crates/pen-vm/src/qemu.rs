@@ -103,7 +103,7 @@ pub fn cpu_model(accel: Accel) -> String {
                 })
                 .collect::<Vec<_>>()
                 .join("\n");
-            let digest = crate::image::sha256_hex(first.as_bytes());
+            let digest = pen_core::fsutil::sha256_hex(first.as_bytes());
             format!("host:{}", &digest[..16])
         }
     }
@@ -121,24 +121,11 @@ pub fn binary() -> anyhow::Result<PathBuf> {
         }
         return Ok(path);
     }
-    find_in_path("qemu-system-x86_64").ok_or_else(|| {
+    pen_core::fsutil::find_in_path("qemu-system-x86_64").ok_or_else(|| {
         anyhow::anyhow!(
             "qemu-system-x86_64 not found in PATH; install it with `sudo apt-get install qemu-system-x86` (or set PEN_QEMU)"
         )
     })
-}
-
-/// First executable file called `name` in `PATH`.
-pub fn find_in_path(name: &str) -> Option<PathBuf> {
-    use std::os::unix::fs::PermissionsExt;
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|dir| dir.join(name))
-        .find(|p| {
-            p.metadata()
-                .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-                .unwrap_or(false)
-        })
 }
 
 /// Escapes a value for a QEMU `key=value,...` option string.

@@ -1,116 +1,32 @@
-//! Profile images: a profile's packages and build script baked into a root squashfs by a
-//! builder VM, never on the host (build scripts are untrusted code).
+//! Building profile images: a profile's packages and build script baked into a root
+//! squashfs by a builder VM, never on the host (build scripts are untrusted code).
 //!
-//! `images/profiles/<name>/`: `rootfs.sqfs`, `image.json` (identity), `build.log`, and
-//! `build.hash` (the cache key) written last: a build that fails anywhere leaves the previous
-//! image and its `build.hash` untouched.
+//! The files (`images/profiles/<name>/`) and the image's status are described in
+//! [`pen_core::image::profile`]; `build.hash` is written last, so a build that fails anywhere
+//! leaves the previous image and its `build.hash` untouched.
 
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use nix::fcntl::{Flock, FlockArg};
-use serde::{Deserialize, Serialize};
 
-use super::build_ca::{self, ExtraCaCerts};
-use super::squashfs::Packer;
-use super::{BaseImage, FileIdentity};
-use crate::client::{self, StartOptions};
-use crate::fsutil::{sync_dir, write_atomic};
-use crate::paths::{PenHome, VmPaths};
-use crate::profile::LoadedProfile;
-use crate::progress::Progress;
-use crate::vm::{now_secs, VmConfig};
+use pen_core::fsutil::{sync_dir, write_atomic};
+use pen_core::image::profile::{cache_key, rootfs_path, status, ImageStatus, ProfileImageManifest};
+use pen_core::image::{BaseImage, FileIdentity};
+use pen_core::paths::{PenHome, VmPaths};
+use pen_core::profile::LoadedProfile;
+use pen_core::progress::Progress;
+use pen_core::vm::{now_secs, VmConfig};
+use pen_vm::client::{self, StartOptions};
+
+use crate::build_ca::{self, ExtraCaCerts};
+use crate::squashfs::Packer;
 
 /// Memory and scratch disk of a builder VM: enough for `apt-get install` of big toolchains.
 const BUILDER_MEMORY_MB: u32 = 2048;
 const BUILDER_DISK: u64 = 32 << 30;
-
-/// `images/profiles/<name>/image.json`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ProfileImageManifest {
-    pub profile: String,
-    pub cache_key: String,
-    /// The base image's [`super::BaseManifest::root_id`] it was built from.
-    #[serde(alias = "base_image_id")]
-    pub base_root_id: String,
-    pub rootfs: FileIdentity,
-    pub packages: Vec<String>,
-    pub created_at: u64,
-}
-
-/// The cache key of `profile`'s image on `base`: packages, build script, the base image's
-/// kernel and root (not its initrd), builder version.
-pub fn cache_key(profile: &LoadedProfile, base: &BaseImage) -> String {
-    profile.profile.cache_key(&base.manifest.root_id())
-}
-
-/// Where a profile's image stands.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ImageStatus {
-    /// Built from the profile as it is now.
-    Built(ProfileImageManifest),
-    /// Built, but the profile or the base image changed since (rebuilt on next use).
-    Stale(ProfileImageManifest),
-    /// Never built, or damaged (rebuilt on next use).
-    Missing { damaged: bool },
-}
-
-impl ImageStatus {
-    pub fn label(&self) -> &'static str {
-        match self {
-            ImageStatus::Built(_) => "built",
-            ImageStatus::Stale(_) => "stale",
-            ImageStatus::Missing { damaged: false } => "missing",
-            ImageStatus::Missing { damaged: true } => "damaged",
-        }
-    }
-}
-
-pub fn rootfs_path(home: &PenHome, profile: &str) -> PathBuf {
-    home.profile_image_dir(profile).join("rootfs.sqfs")
-}
-
-/// A squashfs file that is whole: magic `hsqs` and at least `bytes_used` bytes long.
-pub fn squashfs_intact(path: &Path) -> bool {
-    let mut header = [0u8; 48];
-    let Ok(mut file) = File::open(path) else {
-        return false;
-    };
-    if file.read_exact(&mut header).is_err() || &header[..4] != b"hsqs" {
-        return false;
-    }
-    let bytes_used = u64::from_le_bytes(header[40..48].try_into().unwrap());
-    file.metadata()
-        .is_ok_and(|m| m.len() >= bytes_used && bytes_used > 0)
-}
-
-/// The state of `profile`'s image against the current base image.
-pub fn status(home: &PenHome, profile: &LoadedProfile, base: &BaseImage) -> ImageStatus {
-    let dir = home.profile_image_dir(&profile.name);
-    let key = std::fs::read_to_string(dir.join("build.hash")).ok();
-    let manifest: Option<ProfileImageManifest> = std::fs::read(dir.join("image.json"))
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok());
-    let rootfs = rootfs_path(home, &profile.name);
-    match (key, manifest) {
-        (None, None) if !rootfs.exists() => ImageStatus::Missing { damaged: false },
-        (Some(key), Some(manifest))
-            if key.trim() == manifest.cache_key
-                && manifest.rootfs.size
-                    == std::fs::metadata(&rootfs).map(|m| m.len()).unwrap_or(0)
-                && squashfs_intact(&rootfs) =>
-        {
-            if manifest.cache_key == cache_key(profile, base) {
-                ImageStatus::Built(manifest)
-            } else {
-                ImageStatus::Stale(manifest)
-            }
-        }
-        _ => ImageStatus::Missing { damaged: true },
-    }
-}
 
 /// The profile's image, built first when missing, stale or damaged.
 pub fn ensure(
@@ -220,7 +136,7 @@ fn build_locked(
     let vm = VmConfig {
         name: "builder".into(),
         dir: scratch.path().to_path_buf(),
-        cpus: crate::vm::host_cpus(),
+        cpus: pen_core::vm::host_cpus(),
         memory_mb: BUILDER_MEMORY_MB,
         disk_size: BUILDER_DISK,
         profile: None,
@@ -330,7 +246,7 @@ fn build_locked(
         )?;
         if status.code() != 0 {
             keep_log(&log_tmp, &dir);
-            let tail = crate::supervisor::tail_lines(&dir.join("build.log"), 15);
+            let tail = pen_core::fsutil::tail_lines(&dir.join("build.log"), 15);
             let hint = build_ca::hint_for_log(&tail)
                 .map(|h| format!("\nhint: {h}"))
                 .unwrap_or_default();
@@ -462,7 +378,7 @@ fn full_disk_note(dir: &Path, free: Option<u64>) -> String {
         Some(free) if free < FULL_DISK_BYTES => format!(
             "; no space left on the disk holding {} ({} free)",
             dir.display(),
-            crate::size::human(free)
+            pen_core::size::human(free)
         ),
         _ => String::new(),
     }
@@ -499,26 +415,5 @@ impl<W: Write> Write for FreeWatch<W> {
     }
     fn flush(&mut self) -> std::io::Result<()> {
         self.inner.flush()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn squashfs_check_needs_magic_and_length() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("x.sqfs");
-        let mut header = vec![0u8; 4096];
-        header[..4].copy_from_slice(b"hsqs");
-        header[40..48].copy_from_slice(&4096u64.to_le_bytes());
-        std::fs::write(&path, &header).unwrap();
-        assert!(squashfs_intact(&path));
-        std::fs::write(&path, &header[..2048]).unwrap();
-        assert!(!squashfs_intact(&path), "truncated");
-        header[0] = b'x';
-        std::fs::write(&path, &header).unwrap();
-        assert!(!squashfs_intact(&path), "bad magic");
     }
 }

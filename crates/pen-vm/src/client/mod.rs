@@ -27,10 +27,10 @@ use tokio::net::UnixStream;
 use tokio_util::codec::Framed;
 
 use crate::accel::{self, Accel};
-use crate::paths::{PenHome, VmPaths};
-use crate::progress::Progress;
 use crate::supervisor::{Params, Report};
-use crate::vm::{self, Status, VmConfig};
+use pen_core::paths::{PenHome, VmPaths};
+use pen_core::progress::Progress;
+use pen_core::vm::{self, Status, VmConfig};
 
 /// How to start a VM that is not running.
 #[derive(Debug, Clone)]
@@ -243,7 +243,7 @@ pub fn stop(home: &PenHome, name: &str, force: bool) -> anyhow::Result<()> {
                 nix::sys::signal::Signal::SIGKILL,
             );
             if wait_stopped(&paths, Duration::from_secs(10)) {
-                crate::supervisor::remove_stale_sockets(&paths);
+                paths.remove_sockets();
                 Ok(())
             } else {
                 anyhow::bail!("VM {name} is still locked after killing its supervisor (pid {pid})")
@@ -335,7 +335,7 @@ async fn connect_within(paths: &VmPaths, limit: Duration) -> anyhow::Result<Opti
     if framed
         .send(Frame::control(Message::Hello {
             version: PROTOCOL_VERSION,
-            software: format!("pen {}", crate::VERSION),
+            software: format!("pen {}", pen_core::VERSION),
         }))
         .await
         .is_err()
@@ -540,7 +540,7 @@ fn spawn_supervisor(
     }
     let status = child.wait()?;
     let log = paths.supervisor_log();
-    let tail = crate::supervisor::tail_lines(&log, 10);
+    let tail = pen_core::fsutil::tail_lines(&log, 10);
     Ok(Report::Error(format!(
         "the supervisor of VM {name} exited during boot ({status}); {}:\n{tail}",
         log.display()

@@ -12,7 +12,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::error::UsageError;
+use pen_core::error::UsageError;
 
 /// The environment variable naming the extra CA certificates.
 pub const ENV: &str = "PEN_BUILD_CA_CERTS";

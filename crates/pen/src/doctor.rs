@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-use crate::paths::PenHome;
+use pen_core::paths::PenHome;
 
 struct Check {
     name: &'static str,
@@ -29,7 +29,7 @@ pub fn parse_qemu_version(text: &str) -> Option<(u32, u32)> {
 
 fn qemu_check() -> Check {
     const FIX: &str = "sudo apt-get install qemu-system-x86";
-    let found = match crate::qemu::binary() {
+    let found = match pen_vm::qemu::binary() {
         Err(_) => Err(FIX.to_string()),
         Ok(path) => {
             let out = Command::new(&path).arg("--version").output();
@@ -61,17 +61,17 @@ pub fn run(home: &PenHome) -> bool {
         qemu_check(),
         tool(
             "virtiofsd",
-            crate::virtiofsd::locate(),
-            crate::virtiofsd::INSTALL_HINT,
+            pen_vm::virtiofsd::locate(),
+            pen_vm::virtiofsd::INSTALL_HINT,
         ),
         tool(
             "mmdebstrap",
-            crate::qemu::find_in_path("mmdebstrap"),
+            pen_core::fsutil::find_in_path("mmdebstrap"),
             "sudo apt-get install mmdebstrap",
         ),
         tool(
             "tar2sqfs",
-            crate::qemu::find_in_path("tar2sqfs"),
+            pen_core::fsutil::find_in_path("tar2sqfs"),
             "sudo apt-get install squashfs-tools-ng",
         ),
     ];
@@ -86,8 +86,8 @@ pub fn run(home: &PenHome) -> bool {
         }
     }
     // QEMU 7.2's C virtiofsd (Debian 12) refuses to run without root; the Rust one does not.
-    if let Ok(vfsd) = crate::virtiofsd::find() {
-        if vfsd.flavour == crate::virtiofsd::Flavour::C && !nix::unistd::geteuid().is_root() {
+    if let Ok(vfsd) = pen_vm::virtiofsd::find() {
+        if vfsd.flavour == pen_vm::virtiofsd::Flavour::C && !nix::unistd::geteuid().is_root() {
             ok = false;
             println!(
                 "MISSING  {:<20} {} needs root; fix: run pen as root, or install the Rust virtiofsd (`sudo apt-get install virtiofsd` on Debian 13 / Ubuntu 24.04) and set PEN_VIRTIOFSD",
@@ -96,18 +96,18 @@ pub fn run(home: &PenHome) -> bool {
             );
         }
     }
-    let accel = crate::accel::detect();
+    let accel = pen_vm::accel::detect();
     match &accel.notice {
         None => println!("ok       {:<20} kvm", "accelerator"),
         Some(notice) => println!("ok       {:<20} tcg: {notice}", "accelerator"),
     }
-    match crate::image::BaseImage::load(home) {
+    match pen_core::image::BaseImage::load(home) {
         Some(base) => println!(
             "ok       {:<20} {} (kernel {}, built {} ago)",
             "base image",
             &base.manifest.image_id[..12],
             base.manifest.kernel_version,
-            crate::vm::age(base.manifest.created_at)
+            pen_core::vm::age(base.manifest.created_at)
         ),
         None => println!(
             "-        {:<20} not built yet: built on first use, or `pen image build --base`",

@@ -8,8 +8,8 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 
-use crate::fsutil::{sync_dir, write_atomic};
-use crate::paths::VmPaths;
+use pen_core::fsutil::{sync_dir, write_atomic};
+use pen_core::paths::VmPaths;
 
 /// Marks that this VM's overlay disk has been created; see the module doc.
 pub fn overlay_marker(paths: &VmPaths) -> PathBuf {
@@ -72,7 +72,7 @@ pub fn prepare_overlay(paths: &VmPaths, name: &str, disk_size: u64) -> anyhow::R
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::paths::PenHome;
+    use pen_core::paths::PenHome;
 
     fn paths() -> (tempfile::TempDir, VmPaths) {
         let dir = tempfile::tempdir().unwrap();
@@ -88,7 +88,7 @@ mod tests {
         check_overlay(&p, "dev", 1 << 30).unwrap();
         prepare_overlay(&p, "dev", 1 << 30).unwrap();
         assert_eq!(std::fs::metadata(p.overlay()).unwrap().len(), 1 << 30);
-        assert!(crate::fsutil::disk_usage(&p.overlay()) < 1 << 20);
+        assert!(pen_core::fsutil::disk_usage(&p.overlay()) < 1 << 20);
         assert!(overlay_marker(&p).exists());
         prepare_overlay(&p, "dev", 1 << 30).unwrap();
     }

@@ -121,7 +121,7 @@ fn identity(params: &Params, spec: &QemuSpec) -> anyhow::Result<(Identity, BootF
         memory_mb: spec.memory_mb,
         layout_version: qemu::DEVICE_LAYOUT_VERSION,
         kernel_cmdline: qemu::kernel_cmdline(spec.guest_debug),
-        pen_version: crate::VERSION.to_string(),
+        pen_version: pen_core::VERSION.to_string(),
     };
     Ok((identity, files))
 }
@@ -240,7 +240,7 @@ async fn restore(
         codec.encode(
             Frame::control(Message::Hello {
                 version: PROTOCOL_VERSION,
-                software: format!("pen {}", crate::VERSION),
+                software: format!("pen {}", pen_core::VERSION),
             }),
             &mut buf,
         )?;

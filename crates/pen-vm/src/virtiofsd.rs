@@ -11,7 +11,7 @@ use std::process::Command;
 
 use anyhow::Context;
 
-use crate::qemu::find_in_path;
+use pen_core::fsutil::find_in_path;
 
 /// Where distributions put virtiofsd, most specific first (after `PEN_VIRTIOFSD`).
 const KNOWN_PATHS: &[&str] = &["/usr/libexec/virtiofsd", "/usr/lib/qemu/virtiofsd"];
@@ -62,7 +62,7 @@ pub fn find_cached(cache: &Path) -> anyhow::Result<Virtiofsd> {
             Flavour::Rust => "rust",
         };
         // Best effort: without the cache the next start probes again.
-        let _ = crate::fsutil::write_atomic(cache, format!("{name}\n{key}").as_bytes());
+        let _ = pen_core::fsutil::write_atomic(cache, format!("{name}\n{key}").as_bytes());
     }
     Ok(Virtiofsd { path, flavour })
 }

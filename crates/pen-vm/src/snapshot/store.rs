@@ -19,7 +19,7 @@ use nix::fcntl::{openat, OFlag};
 use nix::sys::stat::Mode;
 
 use super::{ram, short_key, BinaryIdentity, BootFiles, Identity, Manifest, StateCheck, FORMAT};
-use crate::fsutil::sync_dir;
+use pen_core::fsutil::sync_dir;
 
 const MANIFEST: &str = "snapshot.json";
 const STATE: &str = "state";
@@ -279,7 +279,7 @@ impl Pending {
             identity: self.identity.clone(),
             boot_files: self.files.clone(),
             qemu_version,
-            created_at: crate::vm::now_secs(),
+            created_at: pen_core::vm::now_secs(),
             state,
             ram,
         };
@@ -424,7 +424,7 @@ pub(super) fn stale_reason(
     if m.format != FORMAT {
         return Some(format!("format {}", m.format));
     }
-    if m.identity.pen_version != crate::VERSION {
+    if m.identity.pen_version != pen_core::VERSION {
         return Some(format!("made by pen {}", m.identity.pen_version));
     }
     if qemu.is_some_and(|q| *q != m.identity.qemu) {
@@ -594,7 +594,7 @@ mod tests {
     fn list_and_prune() {
         let root = tempfile::tempdir().unwrap();
         let mut id = identity();
-        id.pen_version = crate::VERSION.into();
+        id.pen_version = pen_core::VERSION.into();
         save(root.path(), &id);
         let mut other = id.clone();
         other.image_id = "0ld".into();

@@ -2,43 +2,36 @@
 //! shut down. One event loop owns all state; the tasks around it only move frames.
 
 use std::collections::HashMap;
-use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use futures::{SinkExt, StreamExt};
-use pen_proto::{
-    BootMode, Frame, FrameCodec, GuestConfig, Message, CLIENT_SESSION, CONTROL, PROTOCOL_VERSION,
-    WORKSPACE_TAG,
-};
-use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use pen_core::paths::VmPaths;
+use pen_core::vm::VmConfig;
+use pen_proto::{BootMode, Frame, GuestConfig, Message, CLIENT_SESSION, CONTROL, PROTOCOL_VERSION};
 use tokio::net::UnixListener;
 use tokio::process::Child;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use tokio::task::JoinHandle;
 use tokio::time::sleep_until;
-use tokio_util::codec::{FramedRead, FramedWrite};
 
 use super::boot;
 use super::children::{self, Spawned};
+use super::config::guest_config;
 use super::machine::Stage1;
 use super::overlay::prepare_overlay;
 use super::router::{ClientId, Router};
+use super::sessions::{accept_loop, kind, read_guest, write_frames, Client};
 use super::{Params, Report, Reporter};
 use crate::accel::Accel;
-use crate::paths::VmPaths;
 use crate::qemu::{self, QemuSpec};
 use crate::qmp::Qmp;
 use crate::snapshot::{self, BootFiles, Committed, Identity, Pending};
 use crate::virtiofsd;
-use crate::vm::VmConfig;
 
 /// A VM started by `pen shell`/`pen exec` whose client never shows up (it was killed
 /// during boot) stops after this long.
 const FIRST_CLIENT_GRACE: Duration = Duration::from_secs(15);
-/// Time a hung-up session's process gets between SIGHUP and SIGKILL.
-const HANGUP_GRACE: Duration = Duration::from_secs(2);
 /// How long the guest may take to power off after `Shutdown`.
 const POWEROFF_GRACE: Duration = Duration::from_secs(10);
 const FORCED_POWEROFF_GRACE: Duration = Duration::from_secs(3);
@@ -55,52 +48,44 @@ pub(super) enum Event {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Phase {
+pub(super) enum Phase {
     Booting,
     Ready,
     Stopping,
 }
 
 /// Why the event loop ended.
-enum End {
+pub(super) enum End {
     Shutdown { force: bool },
     QemuExited(std::process::ExitStatus),
     BootFailed(String),
 }
 
-struct Client {
-    tx: UnboundedSender<Frame>,
-    writer: JoinHandle<()>,
-    hello: bool,
-    /// Said Hello and waits for `Ready` (gets boot `Log` lines meanwhile).
-    waiting: bool,
-}
-
-struct Sup<'r> {
-    name: String,
-    paths: VmPaths,
-    params: Params,
-    reporter: &'r mut Reporter,
-    agent_tx: UnboundedSender<Frame>,
-    clients: HashMap<ClientId, Client>,
-    router: Router,
-    phase: Phase,
-    config_sent: bool,
-    keep_running: bool,
+pub(super) struct Sup<'r> {
+    pub(super) name: String,
+    pub(super) paths: VmPaths,
+    pub(super) params: Params,
+    pub(super) reporter: &'r mut Reporter,
+    pub(super) agent_tx: UnboundedSender<Frame>,
+    pub(super) clients: HashMap<ClientId, Client>,
+    pub(super) router: Router,
+    pub(super) phase: Phase,
+    pub(super) config_sent: bool,
+    pub(super) keep_running: bool,
     /// A client connected after the VM became ready: from then on, no clients = stop.
-    had_client: bool,
-    idle_since: Instant,
-    accept_task: Option<JoinHandle<()>>,
-    boot_timeout: Duration,
+    pub(super) had_client: bool,
+    pub(super) idle_since: Instant,
+    pub(super) accept_task: Option<JoinHandle<()>>,
+    pub(super) boot_timeout: Duration,
     /// QEMU's monitor and guest RAM, until the stage-1 point is passed.
-    stage1: Option<Stage1>,
+    pub(super) stage1: Option<Stage1>,
     /// The guest waits for its configuration: save (maybe), attach devices, configure.
-    stage1_due: bool,
+    pub(super) stage1_due: bool,
     /// Save a snapshot with this identity at the stage-1 point (cold boots only).
-    save: Option<(Identity, BootFiles)>,
-    snapshots: PathBuf,
-    saver: Option<Saver>,
-    virtiofsd: Option<Spawned>,
+    pub(super) save: Option<(Identity, BootFiles)>,
+    pub(super) snapshots: PathBuf,
+    pub(super) saver: Option<Saver>,
+    pub(super) virtiofsd: Option<Spawned>,
 }
 
 pub(super) async fn run(
@@ -130,7 +115,7 @@ pub(super) async fn run(
     }
 
     // We hold the lock, so any socket here belongs to a supervisor that died.
-    remove_sockets(&paths);
+    paths.remove_sockets();
     std::fs::create_dir_all(&paths.runtime)
         .with_context(|| format!("creating {}", paths.runtime.display()))?;
     {
@@ -227,7 +212,7 @@ pub(super) async fn run(
         // A restored guest has been greeted and configured already (boot.rs).
         sup.send_guest(Frame::control(Message::Hello {
             version: PROTOCOL_VERSION,
-            software: format!("pen {}", crate::VERSION),
+            software: format!("pen {}", pen_core::VERSION),
         }));
     }
 
@@ -493,88 +478,6 @@ impl Sup<'_> {
         None
     }
 
-    fn on_client(&mut self, id: ClientId, frame: Frame) -> Option<End> {
-        let client = self.clients.get_mut(&id)?;
-        if !client.hello && !matches!(frame.message, Message::Hello { .. }) {
-            self.refuse(id, "the first message must be Hello".into());
-            return None;
-        }
-        match (frame.session, frame.message) {
-            (CONTROL, Message::Hello { version, .. }) => {
-                if version != PROTOCOL_VERSION {
-                    self.refuse(
-                        id,
-                        format!("this VM's supervisor speaks protocol {PROTOCOL_VERSION}, the client {version}; stop the VM and retry"),
-                    );
-                    return None;
-                }
-                client.hello = true;
-                let phase = self.phase;
-                client.waiting = phase == Phase::Booting;
-                self.send_client(
-                    id,
-                    Frame::control(Message::Hello {
-                        version: PROTOCOL_VERSION,
-                        software: format!("pen {}", crate::VERSION),
-                    }),
-                );
-                match phase {
-                    Phase::Ready => self.send_client(id, Frame::control(Message::Ready)),
-                    Phase::Stopping => {
-                        self.send_client(id, Frame::control(Message::Shutdown { force: false }))
-                    }
-                    Phase::Booting => {}
-                }
-            }
-            (CONTROL, Message::Shutdown { force }) => {
-                if self.phase != Phase::Stopping {
-                    return Some(End::Shutdown { force });
-                }
-            }
-            (CONTROL, Message::KeepRunning) => {
-                eprintln!("supervisor: keeping the VM running");
-                self.keep_running = true;
-            }
-            (CLIENT_SESSION, Message::Exec(request)) => {
-                if self.phase != Phase::Ready {
-                    let why = match self.phase {
-                        Phase::Stopping => format!("VM {} is stopping", self.name),
-                        _ => format!("VM {} is not ready yet", self.name),
-                    };
-                    self.send_client(id, Frame::new(CLIENT_SESSION, Message::Error(why)));
-                    return None;
-                }
-                match self.router.open(id) {
-                    Some(guest_id) => {
-                        self.send_guest(Frame::new(guest_id, Message::Exec(request)));
-                    }
-                    None => self.send_client(
-                        id,
-                        Frame::new(
-                            CLIENT_SESSION,
-                            Message::Error("one session per connection".into()),
-                        ),
-                    ),
-                }
-            }
-            (
-                CLIENT_SESSION,
-                message @ (Message::Stdin(_) | Message::Resize(_) | Message::Signal(_)),
-            ) => {
-                if let Some(frame) = self.router.route_to_guest(id, message) {
-                    self.send_guest(frame);
-                }
-            }
-            (session, message) => {
-                self.refuse(
-                    id,
-                    format!("unexpected {} on session {session}", kind(&message)),
-                );
-            }
-        }
-        None
-    }
-
     /// The stage-1 point on the host side: the guest waits for its configuration, nothing
     /// of this VM is in it yet. Saves a snapshot if one is due (a failed save is logged,
     /// not fatal), attaches the VM's own devices, resumes the guest and configures it.
@@ -625,52 +528,8 @@ impl Sup<'_> {
         guest_config(&self.name, &self.params)
     }
 
-    fn send_guest(&self, frame: Frame) {
+    pub(super) fn send_guest(&self, frame: Frame) {
         let _ = self.agent_tx.send(frame);
-    }
-
-    fn send_client(&self, id: ClientId, frame: Frame) {
-        if let Some(c) = self.clients.get(&id) {
-            let _ = c.tx.send(frame);
-        }
-    }
-
-    /// Ends a client's connection with an error.
-    fn refuse(&mut self, id: ClientId, why: String) {
-        eprintln!("supervisor: refusing client {id}: {why}");
-        self.send_client(id, Frame::new(CLIENT_SESSION, Message::Error(why)));
-        self.drop_client(id);
-    }
-
-    /// Forgets a client; its session in the guest, if still running, is hung up.
-    fn drop_client(&mut self, id: ClientId) {
-        if self.clients.remove(&id).is_none() {
-            return;
-        }
-        if let Some(guest_id) = self.router.close_client(id) {
-            self.send_guest(Frame::new(guest_id, Message::Signal(libc::SIGHUP)));
-            let tx = self.agent_tx.clone();
-            tokio::spawn(async move {
-                tokio::time::sleep(HANGUP_GRACE).await;
-                let _ = tx.send(Frame::new(guest_id, Message::Signal(libc::SIGKILL)));
-            });
-        }
-        if self.clients.is_empty() {
-            self.idle_since = Instant::now();
-        }
-    }
-
-    /// Tells the spawner and every waiting client that the boot failed.
-    fn fail_waiters(&mut self, msg: &str) {
-        self.reporter.send(&Report::Error(msg.to_string()));
-        self.reporter.close();
-        let ids: Vec<ClientId> = self.clients.keys().copied().collect();
-        for id in ids {
-            self.send_client(
-                id,
-                Frame::new(CLIENT_SESSION, Message::Error(msg.to_string())),
-            );
-        }
     }
 
     /// Powers the VM off: guest `Shutdown`, then QMP `quit`, then SIGKILL.
@@ -742,87 +601,10 @@ impl Sup<'_> {
             }
         }
     }
-
-    /// Ends every connection: sessions still open learn that the VM stopped; clients see
-    /// EOF once their queued frames are written (`pen stop` waits for exactly that).
-    async fn disconnect_all(&mut self) {
-        let msg = format!("VM {} stopped", self.name);
-        for id in self.router.drain() {
-            self.send_client(id, Frame::new(CLIENT_SESSION, Message::Error(msg.clone())));
-        }
-        let writers: Vec<JoinHandle<()>> = self.clients.drain().map(|(_, c)| c.writer).collect();
-        let _ =
-            tokio::time::timeout(Duration::from_secs(2), futures::future::join_all(writers)).await;
-    }
-}
-
-/// The per-VM configuration, with a fresh clock, entropy and machine-id.
-pub(super) fn guest_config(name: &str, params: &Params) -> GuestConfig {
-    fresh_guest_config(
-        name,
-        params.env.clone(),
-        params.mode,
-        params.setup_script.clone(),
-    )
-}
-
-/// A guest configuration for VM `hostname` as of now: the host clock, 32 fresh bytes of
-/// entropy and a fresh machine-id, so no two boots (or restores) share them.
-pub fn fresh_guest_config(
-    hostname: &str,
-    env: Vec<(String, String)>,
-    mode: BootMode,
-    setup_script: Option<String>,
-) -> GuestConfig {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
-    let mut entropy = vec![0u8; 32];
-    let mut id = [0u8; 16];
-    // getrandom only fails on kernels older than 3.17 without /dev/urandom.
-    getrandom::fill(&mut entropy).expect("getrandom");
-    getrandom::fill(&mut id).expect("getrandom");
-    GuestConfig {
-        hostname: hostname.to_string(),
-        env,
-        workspace_tag: match mode {
-            BootMode::Shell => Some(WORKSPACE_TAG.to_string()),
-            BootMode::Build => None,
-        },
-        clock_secs: now.as_secs() as i64,
-        clock_nanos: now.subsec_nanos(),
-        mode,
-        setup_script,
-        entropy,
-        machine_id: hex::encode(id),
-    }
 }
 
 fn signal(kind: tokio::signal::unix::SignalKind) -> tokio::signal::unix::Signal {
     tokio::signal::unix::signal(kind).expect("installing a signal handler")
-}
-
-/// A message's variant name, for logs: never its payload (stdin bytes, env values).
-fn kind(message: &Message) -> &'static str {
-    match message {
-        Message::Hello { .. } => "Hello",
-        Message::AwaitingConfig => "AwaitingConfig",
-        Message::Config(_) => "Config",
-        Message::Ready => "Ready",
-        Message::BootFailed { .. } => "BootFailed",
-        Message::Log { .. } => "Log",
-        Message::Shutdown { .. } => "Shutdown",
-        Message::KeepRunning => "KeepRunning",
-        Message::Exec(_) => "Exec",
-        Message::Started { .. } => "Started",
-        Message::Stdin(_) => "Stdin",
-        Message::Stdout(_) => "Stdout",
-        Message::Stderr(_) => "Stderr",
-        Message::Resize(_) => "Resize",
-        Message::Signal(_) => "Signal",
-        Message::Exit(_) => "Exit",
-        Message::Error(_) => "Error",
-    }
 }
 
 /// A complete boot failure message: the reason, QEMU's last words, the console's tail.
@@ -833,42 +615,12 @@ fn boot_failure(name: &str, paths: &VmPaths, reason: &str, qemu_stderr: Option<&
         msg.push_str(stderr.trim_end());
     }
     let console = paths.console_log();
-    let tail = tail_lines(&console, CONSOLE_TAIL_LINES);
+    let tail = pen_core::fsutil::tail_lines(&console, CONSOLE_TAIL_LINES);
     if !tail.trim().is_empty() {
         msg.push_str(&format!("\nlast lines of {}:\n", console.display()));
         msg.push_str(tail.trim_end());
     }
     msg
-}
-
-/// The last `n` lines of a file (reads at most its last 64 KiB).
-pub fn tail_lines(path: &Path, n: usize) -> String {
-    let Ok(mut file) = std::fs::File::open(path) else {
-        return String::new();
-    };
-    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
-    let start = len.saturating_sub(64 * 1024);
-    let mut bytes = Vec::new();
-    if file.seek(SeekFrom::Start(start)).is_err() || file.read_to_end(&mut bytes).is_err() {
-        return String::new();
-    }
-    let text = String::from_utf8_lossy(&bytes);
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
-}
-
-/// Removes the VM's runtime sockets (and the directory, when empty).
-pub fn remove_sockets(paths: &VmPaths) {
-    for sock in [
-        paths.supervisor_socket(),
-        paths.agent_socket(),
-        paths.qmp_socket(),
-        paths.virtiofs_socket(),
-        paths.runtime.join("migrate.sock"),
-    ] {
-        let _ = std::fs::remove_file(sock);
-    }
-    let _ = std::fs::remove_dir(&paths.runtime);
 }
 
 /// QEMU's `quit` over QMP, on `held` when we have a connection open.
@@ -885,96 +637,4 @@ async fn qmp_quit(path: &Path, held: Option<Qmp>) -> anyhow::Result<()> {
     tokio::time::timeout(Duration::from_secs(3), attempt)
         .await
         .context("QMP timed out")?
-}
-
-async fn accept_loop(listener: UnixListener, events: UnboundedSender<Event>) {
-    let mut next_id: ClientId = 1;
-    loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
-            Err(e) => {
-                eprintln!("supervisor: accept: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let id = next_id;
-        next_id += 1;
-        let (r, w) = stream.into_split();
-        let (tx, rx) = unbounded_channel();
-        let writer = tokio::spawn(write_frames(w, rx));
-        if events.send(Event::ClientConnected(id, tx, writer)).is_err() {
-            return;
-        }
-        tokio::spawn(read_client(id, r, events.clone()));
-    }
-}
-
-async fn write_frames(w: OwnedWriteHalf, mut rx: UnboundedReceiver<Frame>) {
-    let mut sink = FramedWrite::new(w, FrameCodec::new());
-    while let Some(frame) = rx.recv().await {
-        if sink.feed(frame).await.is_err() {
-            return;
-        }
-        // Batch what is already queued into one flush.
-        while let Ok(frame) = rx.try_recv() {
-            if sink.feed(frame).await.is_err() {
-                return;
-            }
-        }
-        if sink.flush().await.is_err() {
-            return;
-        }
-    }
-}
-
-async fn read_client(id: ClientId, r: OwnedReadHalf, events: UnboundedSender<Event>) {
-    let mut stream = FramedRead::new(r, FrameCodec::new());
-    while let Some(item) = stream.next().await {
-        let event = match item {
-            Ok(Ok(frame)) => Event::ClientFrame(id, frame),
-            Ok(Err(bad)) => Event::ClientBad(id, bad.to_string()),
-            Err(_) => break,
-        };
-        if events.send(event).is_err() {
-            return;
-        }
-    }
-    let _ = events.send(Event::ClientGone(id));
-}
-
-async fn read_guest(
-    mut stream: FramedRead<OwnedReadHalf, FrameCodec>,
-    events: UnboundedSender<Event>,
-) {
-    while let Some(item) = stream.next().await {
-        let event = match item {
-            Ok(Ok(frame)) => Event::Guest(frame),
-            Ok(Err(bad)) => Event::GuestBad(bad.to_string()),
-            Err(e) => {
-                eprintln!("supervisor: agent link: {e}");
-                break;
-            }
-        };
-        if events.send(event).is_err() {
-            return;
-        }
-    }
-    let _ = events.send(Event::GuestClosed);
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn tail_of_a_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("console.log");
-        let text: String = (1..=30).map(|i| format!("line {i}\n")).collect();
-        std::fs::write(&p, text).unwrap();
-        let tail = tail_lines(&p, 3);
-        assert_eq!(tail, "line 28\nline 29\nline 30");
-        assert_eq!(tail_lines(&dir.path().join("none"), 3), "");
-    }
 }

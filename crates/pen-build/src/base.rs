@@ -10,16 +10,15 @@ use std::process::{Command, Stdio};
 use anyhow::{bail, Context};
 use nix::fcntl::{Flock, FlockArg};
 
-use super::initrd::{self, InitrdFile};
-use super::squashfs::Packer;
-use super::{
-    image_id, pen_init_sha256, sources, write_manifest, BaseImage, BaseManifest, FileIdentity,
-    BASE_PACKAGES, PEN_INIT,
-};
-use crate::fsutil::sync_dir;
-use crate::paths::PenHome;
-use crate::progress::Progress;
-use crate::vm::now_secs;
+use pen_core::image::{image_id, BaseImage, BaseManifest, FileIdentity};
+
+use crate::initrd::{self, InitrdFile};
+use crate::squashfs::Packer;
+use crate::{pen_init_sha256, sources, write_manifest, BASE_PACKAGES, PEN_INIT};
+use pen_core::fsutil::sync_dir;
+use pen_core::paths::PenHome;
+use pen_core::progress::Progress;
+use pen_core::vm::now_secs;
 
 /// Builds the base image, or waits for a build already running and reuses its result.
 pub fn build_base(home: &PenHome) -> anyhow::Result<BaseImage> {
@@ -160,7 +159,7 @@ fn build_into(home: &PenHome, progress: &Progress) -> anyhow::Result<BaseImage> 
         rootfs: rootfs_id,
         pen_init_sha256: pen_init_sha256(),
         packages: BASE_PACKAGES.iter().map(|p| p.to_string()).collect(),
-        pen_version: crate::VERSION.to_string(),
+        pen_version: pen_core::VERSION.to_string(),
         created_at: now_secs(),
     };
     write_manifest(home, &manifest)?;

@@ -17,7 +17,7 @@ mod store;
 
 use std::path::Path;
 
-use crate::paths::PenHome;
+use pen_core::paths::PenHome;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -232,14 +232,14 @@ pub fn profile_image_id(base_image_id: &str, rootfs: &Path) -> String {
 
 /// The images that exist now, as (image id, name): the base and every built profile image.
 pub fn current_images(home: &PenHome) -> Vec<(String, String)> {
-    let Some(base) = crate::image::BaseImage::load(home) else {
+    let Some(base) = pen_core::image::BaseImage::load(home) else {
         return Vec::new();
     };
     let mut images = vec![(base.manifest.image_id.clone(), "base".to_string())];
     if let Ok(entries) = std::fs::read_dir(home.profile_images()) {
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            let rootfs = crate::image::profile_image::rootfs_path(home, &name);
+            let rootfs = pen_core::image::profile::rootfs_path(home, &name);
             if rootfs.is_file() {
                 images.push((profile_image_id(&base.manifest.image_id, &rootfs), name));
             }

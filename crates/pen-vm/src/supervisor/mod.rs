@@ -14,10 +14,12 @@
 
 mod boot;
 mod children;
+mod config;
 mod machine;
 mod overlay;
 mod router;
 mod serve;
+mod sessions;
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -28,12 +30,12 @@ use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
 use crate::accel::Accel;
-use crate::paths::{PenHome, VmPaths};
-use crate::vm::{VmConfig, VmLock};
+use pen_core::paths::{PenHome, VmPaths};
+use pen_core::vm::{VmConfig, VmLock};
 use pen_proto::BootMode;
 
+pub use config::fresh_guest_config;
 pub use overlay::{check_overlay, overlay_marker, prepare_overlay};
-pub use serve::{fresh_guest_config, remove_sockets as remove_stale_sockets, tail_lines};
 
 /// What the spawner tells a new supervisor. Travels only over the stdin pipe: `env` holds
 /// values the user wants kept off every disk and out of every argv.
@@ -160,7 +162,7 @@ pub fn main(home: &PenHome, name: &str) -> anyhow::Result<()> {
     redirect_stdio(&paths.supervisor_log())?;
     eprintln!(
         "pen supervisor {} for VM {name}: pid {}, accel {}",
-        crate::VERSION,
+        pen_core::VERSION,
         std::process::id(),
         params.accel
     );
@@ -183,7 +185,7 @@ pub fn main(home: &PenHome, name: &str) -> anyhow::Result<()> {
     // Background tasks (client writers, stderr pumps) may still hold sockets; dropping the
     // runtime cancels them before the lock goes, so a new supervisor finds a clean slate.
     drop(rt);
-    remove_stale_sockets(&paths);
+    paths.remove_sockets();
     drop(lock);
     eprintln!("supervisor: exit");
     result
