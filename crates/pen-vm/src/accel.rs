@@ -85,14 +85,21 @@ pub fn detect() -> Choice {
     decide(device, &cpuinfo)
 }
 
-/// The pure part of [`detect`].
+/// How to get KVM when `/dev/kvm` exists but this user may not open it.
+pub const KVM_GROUP_FIX: &str = "`sudo usermod -aG kvm $USER`, then log in again";
+
+/// The pure part of [`detect`]. The CPU flag is checked before the device's permissions:
+/// joining group `kvm` does not help on a CPU that cannot run KVM guests.
 pub fn decide(device: std::io::Result<()>, cpuinfo: &str) -> Choice {
     let reason = match device {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some("no /dev/kvm".to_string()),
-        Err(e) => Some(format!("/dev/kvm: {e}")),
-        Ok(()) if !cpu_has_virtualization(cpuinfo) => {
+        _ if !cpu_has_virtualization(cpuinfo) => {
             Some("the CPU shows no vmx or svm flag".to_string())
         }
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => Some(format!(
+            "you may not open /dev/kvm; for KVM: {KVM_GROUP_FIX}"
+        )),
+        Err(e) => Some(format!("/dev/kvm: {e}")),
         Ok(()) => None,
     };
     match reason {
@@ -104,6 +111,18 @@ pub fn decide(device: std::io::Result<()>, cpuinfo: &str) -> Choice {
             accel: Accel::Tcg,
             notice: Some(format!("KVM not usable ({reason}); using TCG (slow)")),
         },
+    }
+}
+
+/// Whether this user may open `/dev/kvm` read-write: `None` when there is no such device.
+pub fn kvm_device_access() -> Option<std::io::Result<()>> {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        other => Some(other.map(drop)),
     }
 }
 
@@ -148,7 +167,14 @@ mod tests {
         assert_eq!(missing.accel, Accel::Tcg);
         assert!(missing.notice.unwrap().contains("no /dev/kvm"));
         let denied = decide(Err(std::io::ErrorKind::PermissionDenied.into()), INTEL);
-        assert!(denied.notice.unwrap().contains("/dev/kvm:"));
+        assert_eq!(denied.accel, Accel::Tcg);
+        let notice = denied.notice.unwrap();
+        assert!(notice.contains("usermod -aG kvm"), "{notice}");
+        // Group kvm would not help a CPU without the flag: say what would.
+        let denied_no_flag = decide(Err(std::io::ErrorKind::PermissionDenied.into()), NONE);
+        assert!(denied_no_flag.notice.unwrap().contains("no vmx or svm"));
+        let other = decide(Err(std::io::ErrorKind::Other.into()), INTEL);
+        assert!(other.notice.unwrap().contains("/dev/kvm:"));
     }
 
     #[test]

@@ -101,6 +101,17 @@ pub fn run(home: &PenHome) -> bool {
         None => println!("ok       {:<20} kvm", "accelerator"),
         Some(notice) => println!("ok       {:<20} tcg: {notice}", "accelerator"),
     }
+    // Said on its own line even when the CPU rules KVM out: the same user on a KVM host
+    // needs exactly this fix.
+    if let Some(Err(e)) = pen_vm::accel::kvm_device_access() {
+        if e.kind() == std::io::ErrorKind::PermissionDenied {
+            println!(
+                "-        {:<20} you may not open it; for KVM: {}",
+                "/dev/kvm",
+                pen_vm::accel::KVM_GROUP_FIX
+            );
+        }
+    }
     match pen_core::image::BaseImage::load(home) {
         Some(base) => println!(
             "ok       {:<20} {} (kernel {}, built {} ago)",
