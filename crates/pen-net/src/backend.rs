@@ -544,11 +544,11 @@ impl<'b, F: FnMut(NetEvent) + Send> Stack<'b, F> {
                         let data = Bytes::copy_from_slice(udp.payload());
                         self.on_udp(src, dst, data);
                     }
-                    IpProtocol::Icmp => {
-                        // smoltcp answers echo requests to its own addresses; nothing else.
-                        if ip_repr.dst_addr == GATEWAY || ip_repr.dst_addr == DNS_ADDR {
-                            self.device.rx.push_back(frame);
-                        }
+                    // smoltcp answers echo requests to its own addresses; other ICMP is dropped.
+                    IpProtocol::Icmp
+                        if ip_repr.dst_addr == GATEWAY || ip_repr.dst_addr == DNS_ADDR =>
+                    {
+                        self.device.rx.push_back(frame);
                     }
                     _ => {}
                 }
