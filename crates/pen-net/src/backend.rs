@@ -237,8 +237,12 @@ impl Backend {
         let mut stack = Stack::new(self, ctl_tx, events, out_tx);
         let res = stack.run(in_rx, ctl_rx).await;
         drop(stack);
-        // The reader ends on EOF or error; its result says which.
+        // The reader ends on EOF or error; its result says which. (If the loop ended on a
+        // write error instead, the reader may still be waiting: stop it.)
         let reader = tasks.0.remove(0);
+        if !reader.is_finished() {
+            reader.abort();
+        }
         let read_res = reader.await.unwrap_or(Ok(()));
         res.and(read_res.map_err(NetError::Stream))
     }

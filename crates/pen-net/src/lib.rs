@@ -15,6 +15,18 @@
 //! a port in use is reported before the VM starts), then [`Backend::serve`] for each QEMU
 //! process's stream connection (again after a snapshot restore or a QEMU restart: nothing
 //! assumes the stack saw the guest boot).
+//!
+//! Why smoltcp: a complete TCP (window scaling, retransmission, keep-alive) whose `any_ip`
+//! mode lets one interface terminate connections to every destination, poll-driven with
+//! no threads or I/O of its own (it lives inside one tokio task, back-pressure is its socket
+//! buffers), and whose `wire` module parses and builds the frames pen-net screens itself.
+//! libslirp and passt would need their policy patched in C or kept outside them; thinner
+//! smoltcp wrappers (netstack-smoltcp, ipstack) add little pen needs. DNS: see the `dns`
+//! module doc (answers A from the host resolver rather than forwarding raw queries).
+//!
+//! Limits: IPv4 only (AAAA answers are empty); DNS over UDP only, A records only; UDP
+//! datagrams needing IP fragmentation are dropped; at most 256 TCP connections and 256
+//! UDP flows per VM.
 
 mod backend;
 mod dns;
