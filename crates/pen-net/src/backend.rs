@@ -42,9 +42,9 @@ use crate::policy::{host_addresses, Decision, NetworkPolicy, Policy, Proto, Refu
 use crate::publish::PublishSpec;
 use crate::{NetError, DNS_ADDR, GATEWAY, GATEWAY_MAC, GUEST_ADDR, MTU};
 
-/// smoltcp buffer per direction per TCP connection. 128 KiB lets the window scale past
-/// 64 KiB, which matters for bulk transfers.
-const TCP_BUF: usize = 128 * 1024;
+/// smoltcp buffer per direction per TCP connection. Over 64 KiB so the window scales,
+/// which matters for bulk transfers.
+const TCP_BUF: usize = 256 * 1024;
 /// Relay chunk size and how many chunks each direction's channel holds.
 const CHUNK: usize = 16 * 1024;
 const CHANNEL_CHUNKS: usize = 4;
@@ -343,6 +343,8 @@ struct Stack<'b, F> {
     dns_slots: Arc<Semaphore>,
     events: F,
     start: std::time::Instant,
+    /// Set when smoltcp panicked: the serve loop ends with an error.
+    failed: Option<String>,
 }
 
 impl<'b, F: FnMut(NetEvent) + Send> Stack<'b, F> {
@@ -384,6 +386,7 @@ impl<'b, F: FnMut(NetEvent) + Send> Stack<'b, F> {
             dns_slots: Arc::new(Semaphore::new(MAX_DNS_INFLIGHT)),
             events,
             start,
+            failed: None,
         }
     }
 
@@ -421,8 +424,16 @@ impl<'b, F: FnMut(NetEvent) + Send> Stack<'b, F> {
                 }
             }
             self.poll();
-            self.pump();
+            if self.failed.is_none() {
+                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.pump()));
+                if let Err(e) = r {
+                    self.fail(e);
+                }
+            }
             self.poll();
+            if let Some(msg) = self.failed.take() {
+                return Err(NetError::Stack(msg));
+            }
             for f in self.device.tx.drain(..) {
                 if self.out_tx.send(f).await.is_err() {
                     return Ok(());
@@ -437,9 +448,43 @@ impl<'b, F: FnMut(NetEvent) + Send> Stack<'b, F> {
         }
     }
 
+    /// Run smoltcp; a panic inside it (smoltcp 0.12 has known reachable ones, e.g.
+    /// smoltcp-rs/smoltcp#1048 in `last_scaled_window`) must not take down the process
+    /// that hosts pen's supervisor: it ends this `serve` with [`NetError::Stack`].
     fn poll(&mut self) {
+        if self.failed.is_some() {
+            return;
+        }
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.poll_inner()));
+        if let Err(e) = r {
+            self.fail(e);
+        }
+    }
+
+    fn fail(&mut self, e: Box<dyn std::any::Any + Send>) {
+        let msg = e
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| e.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "panic".into());
+        tracing::error!("pen-net: TCP/IP stack failed: {msg}");
+        self.failed = Some(msg);
+    }
+
+    fn poll_inner(&mut self) {
         let now = self.now();
         self.iface.poll(now, &mut self.device, &mut self.sockets);
+        // smoltcp emits at most one segment per socket per egress pass: keep going while
+        // it has more, so a whole window goes out in one batch (one write to QEMU) instead
+        // of a segment or two per trip through the serve loop.
+        for _ in 0..256 {
+            let before = self.device.tx.len();
+            self.iface
+                .poll_egress(now, &mut self.device, &mut self.sockets);
+            if self.device.tx.len() == before {
+                break;
+            }
+        }
     }
 
     fn refuse(&mut self, ev: NetEvent) {
@@ -991,6 +1036,7 @@ fn new_tcp_socket() -> tcp::Socket<'static> {
         tcp::SocketBuffer::new(vec![0u8; TCP_BUF]),
     );
     s.set_nagle_enabled(false);
+    s.set_congestion_control(tcp::CongestionControl::Cubic);
     // A guest that vanishes mid-connection must not pin the socket forever.
     s.set_timeout(Some(smoltcp::time::Duration::from_secs(300)));
     s.set_keep_alive(Some(smoltcp::time::Duration::from_secs(60)));

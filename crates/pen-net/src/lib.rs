@@ -71,4 +71,6 @@ pub enum NetError {
     HostAddresses(std::io::Error),
     #[error("network stream from QEMU failed: {0}")]
     Stream(std::io::Error),
+    #[error("the VM's TCP/IP stack failed ({0}); its network is down until the VM restarts")]
+    Stack(String),
 }
