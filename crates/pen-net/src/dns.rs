@@ -100,6 +100,9 @@ pub(crate) async fn answer(
     if v4.is_empty() {
         return (reply(&packet, RCODE::NameError, &[]), None);
     }
+    // Stay under the 512-byte UDP limit (no TCP fallback here): 16 answers is ~300 bytes.
+    let mut v4 = v4;
+    v4.truncate(16);
     let recorded: Vec<IpAddr> = v4.iter().map(|a| IpAddr::V4(*a)).collect();
     policy.lock().unwrap().record_resolved(&name, &recorded);
     (reply(&packet, RCODE::NoError, &v4), None)

@@ -161,6 +161,30 @@ async fn gateway_reaches_host_loopback_only_with_allow_host() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allowed_but_closed_host_port_is_refused_without_a_policy_event() {
+    // Find a free port, then leave it closed.
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let vm = vm(
+        NetworkPolicy {
+            allow_hosts: vec![SocketAddr::from((Ipv4Addr::LOCALHOST, port))],
+            ..Default::default()
+        },
+        &[],
+        None,
+    )
+    .await;
+    // The SYN is held while pen connects; the host refuses, the guest gets RST.
+    assert_eq!(
+        vm.guest.connect(SocketAddrV4::new(GW, port)).await,
+        Err("refused".into())
+    );
+    assert!(vm.backend.events().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metadata_refused_and_logged_once() {
     let vm = vm(NetworkPolicy::default(), &[], None).await;
     let md = SocketAddrV4::new(Ipv4Addr::new(169, 254, 169, 254), 80);
