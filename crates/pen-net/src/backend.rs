@@ -489,7 +489,31 @@ impl<'b, F: FnMut(NetEvent) + Send> Stack<'b, F> {
 
     fn refuse(&mut self, ev: NetEvent) {
         if self.backend.log.lock().unwrap().add(&ev) {
-            tracing::warn!(target: "pen_net::refused", event = %ev, "network refused");
+            // Stable structured form: target `pen_net::refused`, fields proto, addr, port,
+            // name ("" when unknown), reason, and the one-line text as the message.
+            match &ev {
+                NetEvent::Refused {
+                    proto,
+                    dst,
+                    name,
+                    reason,
+                } => tracing::warn!(
+                    target: "pen_net::refused",
+                    proto = %proto,
+                    addr = %dst.ip(),
+                    port = dst.port(),
+                    name = name.as_deref().unwrap_or(""),
+                    reason = %reason,
+                    "{ev}"
+                ),
+                NetEvent::NameRefused { name, reason } => tracing::warn!(
+                    target: "pen_net::refused",
+                    proto = "dns",
+                    name = name.as_str(),
+                    reason = %reason,
+                    "{ev}"
+                ),
+            }
             (self.events)(ev);
         }
     }
