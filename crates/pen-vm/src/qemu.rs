@@ -129,8 +129,7 @@ pub fn binary() -> anyhow::Result<PathBuf> {
 }
 
 /// QEMU's `-sandbox` argument: seccomp on, every optional deny category set.
-pub const SANDBOX: &str =
-    "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
+pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
 
 /// Escapes a value for a QEMU `key=value,...` option string.
 pub fn opt_value(value: &OsStr) -> OsString {

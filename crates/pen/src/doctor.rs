@@ -55,15 +55,39 @@ fn qemu_check() -> Check {
     }
 }
 
+/// Which virtiofsd pen uses, why, and how it will run.
+fn virtiofsd_check() -> Check {
+    use pen_vm::virtiofsd::{self, Flavour};
+    let found = match virtiofsd::find() {
+        Err(e) => Err(format!("{e:#}")),
+        Ok(v) => {
+            let origin = virtiofsd::origin(&v.path);
+            let root = nix::unistd::geteuid().is_root();
+            match (v.flavour, root) {
+                (Flavour::Rust, _) => Ok(format!(
+                    "{} (Rust, {origin}; sandboxed in its own namespaces, guest files owned by you)",
+                    v.path.display()
+                )),
+                (Flavour::C, true) => Ok(format!(
+                    "{} ({origin}; as root, guest ids kept as they are: {})",
+                    v.path.display(),
+                    virtiofsd::INSTALL_HINT
+                )),
+                (Flavour::C, false) => Err(virtiofsd::c_needs_root(&v.path)),
+            }
+        }
+    };
+    Check {
+        name: "virtiofsd",
+        found,
+    }
+}
+
 /// Prints the report; true when everything required is present.
 pub fn run(home: &PenHome) -> bool {
     let checks = vec![
         qemu_check(),
-        tool(
-            "virtiofsd",
-            pen_vm::virtiofsd::locate(),
-            pen_vm::virtiofsd::INSTALL_HINT,
-        ),
+        virtiofsd_check(),
         tool(
             "mmdebstrap",
             pen_core::fsutil::find_in_path("mmdebstrap"),
@@ -83,17 +107,6 @@ pub fn run(home: &PenHome) -> bool {
                 ok = false;
                 println!("MISSING  {:<20} fix: {fix}", check.name);
             }
-        }
-    }
-    // QEMU 7.2's C virtiofsd (Debian 12) refuses to run without root; the Rust one does not.
-    if let Ok(vfsd) = pen_vm::virtiofsd::find() {
-        if vfsd.flavour == pen_vm::virtiofsd::Flavour::C && !nix::unistd::geteuid().is_root() {
-            ok = false;
-            println!(
-                "MISSING  {:<20} {} needs root; fix: run pen as root, or install the Rust virtiofsd (`sudo apt-get install virtiofsd` on Debian 13 / Ubuntu 24.04) and set PEN_VIRTIOFSD",
-                "virtiofsd (non-root)",
-                vfsd.path.display()
-            );
         }
     }
     let accel = pen_vm::accel::detect();

@@ -1,5 +1,6 @@
 //! The host processes that face the guest are confined: QEMU runs under its seccomp
-//! sandbox (no exec, no privilege changes) on cold boots, snapshot saves and restores.
+//! sandbox (no exec, no privilege changes) on cold boots, snapshot saves and restores, and
+//! virtiofsd in namespaces of its own (its root is the shared directory) under seccomp.
 
 mod common;
 
@@ -26,6 +27,43 @@ fn assert_qemu_confined(pen: &Pen, name: &str) {
         "2",
         "QEMU of {name} runs without its seccomp filter"
     );
+    // virtiofsd, which serves the guest's file requests, is sandboxed too: its own mount
+    // namespace (its root is the shared directory) and a seccomp filter.
+    let ws = pen.ws.to_string_lossy().into_owned();
+    let vfsd: Vec<u32> = processes()
+        .into_iter()
+        .filter(|p| {
+            p.argv.first().is_some_and(|a| a.ends_with("virtiofsd"))
+                && p.argv.iter().any(|a| a.contains(&ws))
+        })
+        .map(|p| p.pid)
+        .collect();
+    assert!(!vfsd.is_empty(), "no virtiofsd found for {name}");
+    let ours = std::fs::read_link("/proc/self/ns/mnt").unwrap();
+    for pid in vfsd {
+        // The Rust virtiofsd forks: the parent waits, the child (in the namespaces) serves.
+        let Ok(ns) = std::fs::read_link(format!("/proc/{pid}/ns/mnt")) else {
+            continue;
+        };
+        if ns != ours {
+            assert_eq!(
+                seccomp_mode(pid),
+                "2",
+                "virtiofsd {pid} runs without seccomp"
+            );
+            let argv = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+            assert!(
+                !String::from_utf8_lossy(&argv).contains("none"),
+                "virtiofsd runs with --sandbox none"
+            );
+            return assert_workspace_works(pen, name);
+        }
+    }
+    panic!("no virtiofsd of {name} runs in a mount namespace of its own");
+}
+
+#[track_caller]
+fn assert_workspace_works(pen: &Pen, name: &str) {
     // The VM still works under the filter: the workspace (hot-plugged after the filter is
     // in place) and a process in the guest.
     std::fs::write(pen.ws.join("seen.txt"), "from the host\n").unwrap();
@@ -34,7 +72,7 @@ fn assert_qemu_confined(pen: &Pen, name: &str) {
 }
 
 #[test]
-fn qemu_runs_under_seccomp_cold_saved_and_restored() {
+fn qemu_and_virtiofsd_are_confined_cold_saved_and_restored() {
     let pen = Pen::new("seccomp");
     // Cold boot without snapshots.
     let mut args = pen.create_args("start", "cold", &[]);
@@ -51,8 +89,7 @@ fn qemu_runs_under_seccomp_cold_saved_and_restored() {
         pen.run(&["stop", "snap"]).ok();
         pen.wait_status("snap", "stopped", Duration::from_secs(60));
         if round == 1 {
-            let log =
-                std::fs::read_to_string(pen.vm_dir("snap").join("supervisor.log")).unwrap();
+            let log = std::fs::read_to_string(pen.vm_dir("snap").join("supervisor.log")).unwrap();
             assert!(
                 log.contains("supervisor: restored snapshot"),
                 "the second start did not restore:\n{log}"

@@ -281,11 +281,14 @@ fn spawn_virtiofsd(paths: &VmPaths, vm: &VmConfig) -> anyhow::Result<Spawned> {
     // Cached beside the VMs' runtime directories: the flavour probe costs ~10 ms a start.
     let cache = paths.runtime.with_file_name("virtiofsd-flavour");
     let vfsd = virtiofsd::find_cached(&cache)?;
-    let unprivileged = !nix::unistd::geteuid().is_root();
+    let runner = virtiofsd::Runner::current();
+    if vfsd.flavour == virtiofsd::Flavour::C && runner.uid != 0 {
+        anyhow::bail!("{}", virtiofsd::c_needs_root(&vfsd.path));
+    }
     children::spawn(
         "virtiofsd",
         &vfsd.path,
-        &vfsd.args(&paths.virtiofs_socket(), &vm.dir, unprivileged),
+        &vfsd.args(&paths.virtiofs_socket(), &vm.dir, runner),
         &[],
     )
 }
