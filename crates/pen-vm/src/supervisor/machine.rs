@@ -96,6 +96,9 @@ pub(super) enum RestoreError {
     /// The snapshot cannot be used (damaged, refused by QEMU, its guest does not answer):
     /// boot cold and replace it. The reason is for a notice.
     Snapshot(String),
+    /// The restored guest did not answer in time. On a busy host that proves nothing about
+    /// the snapshot: boot cold, keep it (and save no other).
+    Slow(String),
     /// Something that is not the snapshot's fault (no memory, QEMU or virtiofsd not
     /// starting, a device that cannot be attached): boot cold, keep the snapshot.
     Host(anyhow::Error),
