@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Installs what pen needs on a Debian/Ubuntu host, once: QEMU (with virtiofsd), mmdebstrap
-# and squashfs tools. Uses the host's own apt configuration; safe to run again.
+# and squashfs tools; tmux for the test suite, which drives terminals with it. Uses the
+# host's own apt configuration; safe to run again.
 set -euo pipefail
 
 sudo=""
 [ "$(id -u)" -eq 0 ] || sudo="sudo"
-packages=(qemu-system-x86 qemu-system-common mmdebstrap squashfs-tools-ng e2fsprogs)
+packages=(qemu-system-x86 qemu-system-common mmdebstrap squashfs-tools-ng e2fsprogs tmux)
 
 missing=()
 for p in "${packages[@]}"; do

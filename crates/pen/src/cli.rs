@@ -25,13 +25,22 @@ pub enum Command {
         create: CreateArgs,
     },
     /// Run one command in a VM; its exit status becomes pen's.
+    ///
+    /// Standard input: forwarded when it is not a terminal (a pipe, a file, /dev/null).
+    /// When it is a terminal, it is forwarded only with -i or -t; otherwise the command
+    /// gets end of input at once, so `pen exec ... &` and `timeout N pen exec ...` never
+    /// stop waiting for the terminal (SIGTTIN).
     Exec {
         name: String,
         #[command(flatten)]
         create: CreateArgs,
-        /// Give the command a pseudo-terminal.
+        /// Give the command a pseudo-terminal (implies -i).
         #[arg(short = 't', long = "tty")]
         tty: bool,
+        /// Forward this terminal's input to the command (input that is not a terminal is
+        /// always forwarded).
+        #[arg(short = 'i', long = "interactive")]
+        interactive: bool,
         /// The command and its arguments, after `--`.
         #[arg(last = true, required = true, value_name = "CMD")]
         command: Vec<String>,

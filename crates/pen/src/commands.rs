@@ -32,11 +32,13 @@ pub fn run(command: Command) -> anyhow::Result<i32> {
             name,
             create,
             tty,
+            interactive,
             command,
         } => {
             let vm = prepare(&home, Some(&name), &create)?;
             let env = start(&home, &vm, &create, false)?;
-            client::exec(&home, &vm.name, command, env, tty)
+            let stdin = client::forward_stdin(std::io::stdin().is_terminal(), interactive, tty);
+            client::exec(&home, &vm.name, command, env, tty, stdin)
         }
         Command::Start { name, create } => {
             let vm = prepare(&home, Some(&name), &create)?;

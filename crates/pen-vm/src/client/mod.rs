@@ -125,6 +125,20 @@ pub fn ensure_running(home: &PenHome, vm: &VmConfig, opts: StartOptions) -> anyh
     }
 }
 
+#[cfg(test)]
+mod tests {
+    use super::forward_stdin;
+
+    #[test]
+    fn stdin_is_forwarded_unless_it_is_a_terminal_nobody_asked_for() {
+        // (terminal, -i, -t) -> forwarded
+        assert!(forward_stdin(false, false, false));
+        assert!(!forward_stdin(true, false, false));
+        assert!(forward_stdin(true, true, false));
+        assert!(forward_stdin(true, false, true));
+    }
+}
+
 /// An interactive shell in `/workspace` on a PTY (a plain session when stdin is not a
 /// terminal). Returns the shell's exit status.
 pub fn shell(home: &PenHome, name: &str, env: Vec<(String, String)>) -> anyhow::Result<i32> {
@@ -146,7 +160,15 @@ fn host_tty() -> TtyRequest {
     }
 }
 
-/// Runs `argv` in the VM: stdin piped, stdout/stderr apart (`tty`: on a PTY instead).
+/// Whether `pen exec` forwards its stdin: always when it is not a terminal; from a
+/// terminal only when asked (`-i`, or `-t`). Reading a terminal we were not asked to read
+/// stops a background `pen` (SIGTTIN) for good, though the command may read nothing.
+pub fn forward_stdin(stdin_is_terminal: bool, interactive: bool, tty: bool) -> bool {
+    !stdin_is_terminal || interactive || tty
+}
+
+/// Runs `argv` in the VM: stdout/stderr apart (`tty`: on a PTY instead); stdin forwarded
+/// when `stdin` is set, else end of input right away (see [`forward_stdin`]).
 /// Returns the remote status: its exit code, or 128+N when killed by signal N.
 pub fn exec(
     home: &PenHome,
@@ -154,6 +176,7 @@ pub fn exec(
     argv: Vec<String>,
     env: Vec<(String, String)>,
     tty: bool,
+    stdin: bool,
 ) -> anyhow::Result<i32> {
     let tty = tty.then(host_tty);
     let request = ExecRequest {
@@ -162,7 +185,12 @@ pub fn exec(
         cwd: None,
         tty,
     };
-    run_session(home, name, request, session::Kind::Exec)
+    let kind = if stdin {
+        session::Kind::Exec
+    } else {
+        session::Kind::ExecNoInput
+    };
+    run_session(home, name, request, kind)
 }
 
 /// Runs `argv` in VM `name` for a program rather than a user (the image builder): no TTY,
