@@ -100,6 +100,57 @@ impl PenHome {
     }
 }
 
+/// Why `dir` must not be shared with a VM, or `None` when it may be. All three paths are
+/// canonical. A guest can write everything it is given: the host's root, the user's home
+/// (`~/.bashrc`, keys) or anything holding it, and pen's own home (other VMs' `vm.json`,
+/// snapshot `state` every later VM of an image loads) or anything holding it, are refused.
+pub fn share_refusal(dir: &Path, pen_home: &Path, user_home: Option<&Path>) -> Option<String> {
+    if dir == Path::new("/") {
+        return Some("is the host's root directory".into());
+    }
+    if let Some(home) = user_home {
+        if dir == home {
+            return Some("is your home directory (the VM could edit ~/.bashrc and your keys)".into());
+        }
+        if home.starts_with(dir) {
+            return Some(format!("contains your home directory {}", home.display()));
+        }
+    }
+    if dir.starts_with(pen_home) {
+        return Some(format!(
+            "is inside pen's own directory {} (VM configurations, images, snapshots)",
+            pen_home.display()
+        ));
+    }
+    if pen_home.starts_with(dir) {
+        return Some(format!(
+            "contains pen's own directory {} (VM configurations, images, snapshots)",
+            pen_home.display()
+        ));
+    }
+    None
+}
+
+/// `path` made absolute with symlinks resolved, as far as it exists: the missing tail (a
+/// `PEN_HOME` not created yet) is appended as it is.
+pub fn canonical_lenient(path: &Path) -> PathBuf {
+    let path = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    let mut existing = path.as_path();
+    let mut rest = Vec::new();
+    loop {
+        if let Ok(canonical) = existing.canonicalize() {
+            return rest.iter().rev().fold(canonical, |p, part| p.join(part));
+        }
+        match (existing.parent(), existing.file_name()) {
+            (Some(parent), Some(name)) => {
+                rest.push(name.to_os_string());
+                existing = parent;
+            }
+            _ => return path,
+        }
+    }
+}
+
 /// The files of one VM.
 #[derive(Debug, Clone)]
 pub struct VmPaths {
@@ -182,6 +233,44 @@ mod tests {
                 sock.display()
             );
         }
+    }
+
+    #[test]
+    fn sharing_refuses_root_home_and_pen_home_in_either_direction() {
+        let pen = Path::new("/home/u/.config/pen");
+        let home = Some(Path::new("/home/u"));
+        for refused in [
+            "/",
+            "/home",
+            "/home/u",
+            "/home/u/.config",
+            "/home/u/.config/pen",
+            "/home/u/.config/pen/vms",
+            "/home/u/.config/pen/vms/dev",
+        ] {
+            assert!(
+                share_refusal(Path::new(refused), pen, home).is_some(),
+                "{refused} should be refused"
+            );
+        }
+        for allowed in ["/home/u/src/project", "/srv/data", "/home/u/.config/penny"] {
+            assert_eq!(share_refusal(Path::new(allowed), pen, home), None, "{allowed}");
+        }
+        // PEN_HOME elsewhere: its ancestors are refused too.
+        let pen = Path::new("/var/lib/pen");
+        assert!(share_refusal(Path::new("/var"), pen, home).is_some());
+        assert_eq!(share_refusal(Path::new("/var/www"), pen, None), None);
+    }
+
+    #[test]
+    fn canonical_lenient_keeps_the_missing_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().canonicalize().unwrap();
+        assert_eq!(
+            canonical_lenient(&dir.path().join("a/b")),
+            real.join("a").join("b")
+        );
+        assert_eq!(canonical_lenient(dir.path()), real);
     }
 
     #[test]

@@ -151,7 +151,9 @@ pub enum ProfileCommand {
 /// Flags that create or shape a VM; recorded in vm.json on first use.
 #[derive(Debug, Args, Default, Clone)]
 pub struct CreateArgs {
-    /// Directory shared at /workspace (default: the current directory).
+    /// Directory shared at /workspace (default: the current directory). The VM can write
+    /// all of it: `/`, your home directory (or one holding it) and pen's own directory are
+    /// refused.
     #[arg(long, value_name = "PATH")]
     pub dir: Option<PathBuf>,
     /// Virtual CPUs (default: the host's count).

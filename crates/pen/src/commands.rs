@@ -197,6 +197,7 @@ fn prepare(home: &PenHome, name: Option<&str>, args: &CreateArgs) -> anyhow::Res
     }
     let (mut config, notices) =
         vm::resolve_config(&name, existing.clone(), &flags, running, &default_dir);
+    check_shareable(home, &config.dir, args.dir.is_some(), existing.is_some(), &name)?;
     if existing.is_none() {
         config.setup_hash = loaded.as_ref().and_then(|l| l.profile.setup_hash());
     }
@@ -224,6 +225,35 @@ fn check_dir(dir: &Path) -> anyhow::Result<PathBuf> {
         );
     }
     Ok(dir.canonicalize()?)
+}
+
+/// Refuses (usage error) a shared directory the guest must not be able to write: see
+/// [`pen_core::paths::share_refusal`]. `from_flag`/`recorded` say where it came from.
+fn check_shareable(
+    home: &PenHome,
+    dir: &Path,
+    from_flag: bool,
+    recorded: bool,
+    name: &str,
+) -> anyhow::Result<()> {
+    let dir = pen_core::paths::canonical_lenient(dir);
+    let pen_home = pen_core::paths::canonical_lenient(home.root());
+    let user_home = std::env::var_os("HOME")
+        .filter(|h| !h.is_empty())
+        .map(|h| pen_core::paths::canonical_lenient(Path::new(&h)));
+    let Some(why) = pen_core::paths::share_refusal(&dir, &pen_home, user_home.as_deref()) else {
+        return Ok(());
+    };
+    let what = if from_flag {
+        format!("--dir {}", dir.display())
+    } else if recorded {
+        format!("VM {name}'s shared directory {}", dir.display())
+    } else {
+        format!("the current directory {}", dir.display())
+    };
+    usage!(
+        "{what} {why}; the VM may write all it is given: cd to a project directory or pass --dir PROJECT (a directory of its own)"
+    )
 }
 
 fn io_reason(e: &std::io::Error) -> String {
