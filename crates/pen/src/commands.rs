@@ -166,6 +166,8 @@ fn prepare(home: &PenHome, name: Option<&str>, args: &CreateArgs) -> anyhow::Res
     pen_vm::accel::choose(parse_accel(args)?)?;
 
     let paths = VmPaths::new(home, &name);
+    // Before anything is written: a runtime directory someone else controls stops here.
+    paths.check_runtime()?;
     let existing = VmConfig::load(&paths)?;
     let running = vm::status(&paths).0 == Status::Running;
     if !running {
@@ -438,6 +440,8 @@ fn list(home: &PenHome, json: bool) -> anyhow::Result<i32> {
 fn delete(home: &PenHome, name: &str, force: bool) -> anyhow::Result<i32> {
     existing_vm(home, name)?;
     let paths = VmPaths::new(home, name);
+    // Its runtime directory is removed below: never through someone else's symlink.
+    paths.check_runtime()?;
     if vm::status(&paths).0 == Status::Running {
         if !force {
             return usage!("VM {name} is running; stop it first (`pen stop {name}`) or use `pen delete {name} --force`");

@@ -234,6 +234,7 @@ pub fn run_captured(
 /// within a few seconds, and kills a supervisor that no longer answers.
 pub fn stop(home: &PenHome, name: &str, force: bool) -> anyhow::Result<()> {
     let paths = VmPaths::new(home, name);
+    paths.check_runtime()?;
     let (status, pid) = vm::status(&paths);
     if status == Status::Stopped {
         anyhow::bail!("VM {name} is not running");
@@ -344,6 +345,10 @@ async fn connect(paths: &VmPaths) -> anyhow::Result<Option<Conn>> {
 }
 
 async fn connect_within(paths: &VmPaths, limit: Duration) -> anyhow::Result<Option<Conn>> {
+    // Whoever controls the runtime directory could answer in our supervisor's place.
+    if !paths.check_runtime()? {
+        return Ok(None);
+    }
     let stream = match UnixStream::connect(paths.supervisor_socket()).await {
         Ok(s) => s,
         Err(e)

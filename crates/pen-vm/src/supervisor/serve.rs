@@ -114,14 +114,11 @@ pub(super) async fn run(
         }
     }
 
+    // Each level ours and private (0700), or no start: see `PenHome::runtime_levels`.
+    paths.ensure_runtime()?;
     // We hold the lock, so any socket here belongs to a supervisor that died.
     paths.remove_sockets();
-    std::fs::create_dir_all(&paths.runtime)
-        .with_context(|| format!("creating {}", paths.runtime.display()))?;
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&paths.runtime, std::fs::Permissions::from_mode(0o700))?;
-    }
+    paths.ensure_runtime()?;
 
     let (events_tx, mut events) = unbounded_channel();
     // Bound before boot so that a second `pen` racing to start this VM can attach and wait
