@@ -54,7 +54,7 @@ pub fn build(home: &PenHome, profile: &LoadedProfile, base: &BaseImage) -> anyho
     // Checked before anything is created: a bad PEN_BUILD_CA_CERTS is a usage error.
     let extra_ca = ExtraCaCerts::from_env()?;
     let dir = home.profile_image_dir(&profile.name);
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    pen_core::fsutil::create_private_dir_all(&dir)?;
     let lock_file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -126,7 +126,7 @@ fn build_locked(
         .tempdir_in(&dir)?;
     let builder_home = PenHome::at(scratch.path());
     let log_tmp = scratch.path().join("build.log");
-    let mut log = File::create(&log_tmp)?;
+    let mut log = pen_core::fsutil::create_private_file(&log_tmp)?;
     writeln!(
         log,
         "pen: building profile {} (cache key {key})",

@@ -12,6 +12,9 @@ use clap::Parser;
 use pen_core::UsageError;
 
 fn main() -> ExitCode {
+    // Everything pen and its children (the supervisor, QEMU, virtiofsd, tar2sqfs) create is
+    // private to the user, whatever umask the shell had: VM disks, logs, images, snapshots.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_env("PEN_LOG"))
         .with_writer(std::io::stderr)

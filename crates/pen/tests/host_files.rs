@@ -122,3 +122,104 @@ fn runtime_dir_symlink_is_refused_and_never_followed() {
     run_cmd(cmd, None, TIMEOUT).fails_with(None, &["xdg/pen", "symlink"]);
     assert_eq!(entries(&victim).len(), 1, "pen wrote through the symlink");
 }
+
+/// `pen ARGS` under `umask 000`, without XDG_RUNTIME_DIR (so the runtime directory is the
+/// fallback [`fallback_home_level`] finds).
+fn pen_umask0(pen: &Pen, args: &[String]) -> Out {
+    let mut cmd = std::process::Command::new("sh");
+    cmd.arg("-c")
+        .arg("umask 000; exec \"$0\" \"$@\"")
+        .arg(PEN)
+        .args(args)
+        .env("PEN_HOME", &pen.home)
+        .env_remove("XDG_RUNTIME_DIR")
+        .env_remove("PEN_ACCEL")
+        .current_dir(&pen.ws);
+    run_cmd(cmd, None, TIMEOUT)
+}
+
+/// Every file and directory under `root` (not `root` itself, not following symlinks) that
+/// has group or other permission bits, with its mode.
+fn not_private(root: &Path) -> Vec<String> {
+    let mut found = Vec::new();
+    let mut stack = entries(root);
+    while let Some(path) = stack.pop() {
+        let Ok(meta) = std::fs::symlink_metadata(&path) else {
+            continue;
+        };
+        if meta.file_type().is_symlink() {
+            continue; // the harness's shared `images` link
+        }
+        if meta.mode() & 0o077 != 0 {
+            found.push(format!("{} {:o}", path.display(), meta.mode() & 0o7777));
+        }
+        if meta.is_dir() {
+            stack.extend(entries(&path));
+        }
+    }
+    found
+}
+
+#[test]
+fn everything_pen_makes_is_private_whatever_the_umask() {
+    let pen = Pen::new("modes");
+    let runtime = fallback_home_level(&pen);
+    let args = |a: Vec<String>| a;
+    pen_umask0(&pen, &args(pen.create_args("start", "m", &[]))).ok();
+    pen_umask0(&pen, &args(pen.exec_args("m", &["true"]))).ok();
+    let vm = pen.vm_dir("m");
+    for file in ["vm.json", "lock", "overlay.img", "console.log", "supervisor.log"] {
+        assert!(vm.join(file).exists(), "no {file}");
+    }
+    assert!(runtime.join("m/pen.sock").exists(), "the runtime dir is not where expected");
+    let mut open = not_private(&pen.home);
+    open.extend(not_private(&runtime));
+    assert!(open.is_empty(), "readable by others while running: {open:#?}");
+
+    pen_umask0(&pen, &["stop".into(), "m".into()]).ok();
+    let mut open = not_private(&pen.home);
+    open.extend(not_private(&runtime));
+    assert!(open.is_empty(), "readable by others after stop: {open:#?}");
+}
+
+/// A process that holds the VM's lock without being its supervisor (another program, or
+/// another user's process back when the file was world-readable): pen says so instead of
+/// starting supervisors that lose the lock race forever, and `stop --force` kills nothing.
+#[test]
+fn a_lock_held_by_a_stranger_is_an_error_not_a_loop() {
+    use nix::fcntl::{Flock, FlockArg};
+    let pen = Pen::new("stranger");
+    let name = pen.vm("held");
+    let dir = pen.vm_dir(&name);
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = std::fs::File::options()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(dir.join("lock"))
+        .unwrap();
+    let shared = Flock::lock(file, FlockArg::LockSharedNonblock).unwrap();
+    let started = Instant::now();
+    pen.exec(&name, &["true"])
+        .fails_with(None, &["lock", "not its pen supervisor", "fuser"]);
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "took {:?} to give up",
+        started.elapsed()
+    );
+    assert!(pen.qemu_pids(&name).is_empty());
+    drop(shared);
+
+    // An exclusive lock naming a pid that is not a supervisor (a reused pid): not killed.
+    let mut bystander = std::process::Command::new("sleep").arg("300").spawn().unwrap();
+    std::fs::write(dir.join("lock"), format!("{}\n", bystander.id())).unwrap();
+    let file = std::fs::File::open(dir.join("lock")).unwrap();
+    let exclusive = Flock::lock(file, FlockArg::LockExclusiveNonblock).unwrap();
+    pen.run(&["stop", "--force", &name])
+        .fails_with(None, &["not its pen supervisor", "not killing"]);
+    assert!(bystander.try_wait().unwrap().is_none(), "stop --force killed a bystander");
+    drop(exclusive);
+    let _ = bystander.kill();
+    let _ = bystander.wait();
+}

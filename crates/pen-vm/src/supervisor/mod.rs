@@ -194,7 +194,8 @@ pub fn main(home: &PenHome, name: &str) -> anyhow::Result<()> {
 /// stdin from /dev/null, stdout and stderr to the supervisor log (truncated: one start per
 /// log, the previous start's is gone).
 fn redirect_stdio(log: &std::path::Path) -> anyhow::Result<()> {
-    let log = File::create(log).with_context(|| format!("creating {}", log.display()))?;
+    let log = pen_core::fsutil::create_private_file(log)
+        .with_context(|| format!("creating {}", log.display()))?;
     let null = File::open("/dev/null").context("opening /dev/null")?;
     nix::unistd::dup2(null.as_raw_fd(), 0).context("redirecting stdin")?;
     nix::unistd::dup2(log.as_raw_fd(), 1).context("redirecting stdout")?;
