@@ -13,6 +13,7 @@
 pub mod envspec;
 pub mod error;
 pub mod fsutil;
+pub mod logfile;
 pub mod image;
 pub mod names;
 pub mod paths;

@@ -513,10 +513,22 @@ fn logs(home: &PenHome, name: &str, follow: bool) -> anyhow::Result<i32> {
         }
         out.flush()?;
         std::thread::sleep(std::time::Duration::from_millis(200));
-        // QEMU truncates the log when the VM boots again: start over.
-        let len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-        if len < file.stream_position()? {
-            file = std::fs::File::open(&path)?;
+        // A full log is rotated to console.log.1, and each start of the VM begins a new
+        // one: what we read is drained, go on with the new file.
+        use std::os::unix::fs::MetadataExt;
+        let now = std::fs::metadata(&path).ok();
+        let replaced = now
+            .as_ref()
+            .is_some_and(|m| m.ino() != file.metadata().map(|f| f.ino()).unwrap_or(0));
+        let shrunk = now.is_some_and(|m| m.len() < file.stream_position().unwrap_or(0));
+        if replaced || shrunk {
+            if let Ok(new) = std::fs::File::open(&path) {
+                // What the old file got since our last read (it is console.log.1 now).
+                if replaced {
+                    std::io::copy(&mut file, &mut out)?;
+                }
+                file = new;
+            }
         }
     }
 }

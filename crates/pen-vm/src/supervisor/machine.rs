@@ -64,13 +64,17 @@ fn create_ram(spec: &QemuSpec) -> anyhow::Result<File> {
 }
 
 fn spawn_qemu(spec: &mut QemuSpec, ram: &File, incoming: bool) -> anyhow::Result<Spawned> {
+    // Our copy of the console pipe's write end is dropped on return: QEMU's exit then
+    // ends the console thread.
+    let console = super::console::pipe(&spec.console_log)?;
     spec.ram_fd = ram.as_raw_fd();
+    spec.console_fd = console.as_raw_fd();
     spec.incoming = incoming;
     children::spawn(
         "qemu",
         &qemu::binary()?,
         &qemu::args(spec),
-        &[ram.as_raw_fd()],
+        &[ram.as_raw_fd(), console.as_raw_fd()],
     )
 }
 

@@ -149,10 +149,12 @@ pub(super) async fn run(
             .is_some_and(|v| !v.is_empty() && v != "0"),
         overlay: paths.overlay(),
         console_log: paths.console_log(),
+        console_fd: -1,
         qmp_socket: paths.qmp_socket(),
         agent_socket: paths.agent_socket(),
         virtiofs_socket: virtiofsd.as_ref().map(|_| paths.virtiofs_socket()),
     };
+    super::console::start_log(&spec.console_log)?;
     let boot_started = Instant::now();
     let plan = boot::plan(&snapshots, &params, &spec, reporter);
     let config = || guest_config(&name, &params);
