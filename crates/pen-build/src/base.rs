@@ -75,8 +75,8 @@ fn build_into(home: &PenHome, progress: &Progress) -> anyhow::Result<BaseImage> 
         .prefix(".tmp-base-")
         .tempdir_in(&images)?;
     let log_path = images.join("base-build.log");
-    let mut log =
-        pen_core::fsutil::create_private_file(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
+    let mut log = pen_core::fsutil::create_private_file(&log_path)
+        .with_context(|| format!("creating {}", log_path.display()))?;
 
     let sources = sources::host_sources(
         Path::new("/etc"),

@@ -95,7 +95,10 @@ mod tests {
         // 1 MiB on stderr before reading stdin: with stderr read only at exit, the child
         // would block on the full pipe and never read its input.
         let mut child = Command::new("sh")
-            .args(["-c", "head -c 1048576 /dev/zero >&2; cat >/dev/null; echo last >&2"])
+            .args([
+                "-c",
+                "head -c 1048576 /dev/zero >&2; cat >/dev/null; echo last >&2",
+            ])
             .stdin(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()

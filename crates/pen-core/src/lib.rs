@@ -13,8 +13,8 @@
 pub mod envspec;
 pub mod error;
 pub mod fsutil;
-pub mod logfile;
 pub mod image;
+pub mod logfile;
 pub mod names;
 pub mod paths;
 pub mod profile;

@@ -129,7 +129,10 @@ mod tests {
         // 50 * 333 = 16650 bytes written: the newest 650 in the log, 1000 before them in .1.
         assert_eq!(len(&path), 650);
         assert_eq!(len(&rotated(&path)), 1000);
-        assert_eq!(std::fs::read(&path).unwrap().last(), Some(&(b'a' + 49 % 26)));
+        assert_eq!(
+            std::fs::read(&path).unwrap().last(),
+            Some(&(b'a' + 49 % 26))
+        );
         // A clone shares the count.
         let mut other = log.clone();
         other.write_all(&[b'z'; 350]).unwrap();

@@ -166,8 +166,11 @@ fn tighten(path: &Path) -> anyhow::Result<()> {
     .map_err(|e| anyhow::anyhow!("cannot open {}: {e}", path.display()))?;
     // SAFETY: `open` just returned this descriptor and nothing else owns it.
     let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-    nix::sys::stat::fchmod(std::os::fd::AsRawFd::as_raw_fd(&fd), Mode::from_bits_truncate(0o700))
-        .map_err(|e| anyhow::anyhow!("cannot make {} private: {e}", path.display()))
+    nix::sys::stat::fchmod(
+        std::os::fd::AsRawFd::as_raw_fd(&fd),
+        Mode::from_bits_truncate(0o700),
+    )
+    .map_err(|e| anyhow::anyhow!("cannot make {} private: {e}", path.display()))
 }
 
 /// Creates `path` (mode 0700) unless it exists, then checks it ([`check_private_dir`]).
@@ -191,7 +194,9 @@ pub fn share_refusal(dir: &Path, pen_home: &Path, user_home: Option<&Path>) -> O
     }
     if let Some(home) = user_home {
         if dir == home {
-            return Some("is your home directory (the VM could edit ~/.bashrc and your keys)".into());
+            return Some(
+                "is your home directory (the VM could edit ~/.bashrc and your keys)".into(),
+            );
         }
         if home.starts_with(dir) {
             return Some(format!("contains your home directory {}", home.display()));
@@ -363,7 +368,11 @@ mod tests {
             );
         }
         for allowed in ["/home/u/src/project", "/srv/data", "/home/u/.config/penny"] {
-            assert_eq!(share_refusal(Path::new(allowed), pen, home), None, "{allowed}");
+            assert_eq!(
+                share_refusal(Path::new(allowed), pen, home),
+                None,
+                "{allowed}"
+            );
         }
         // PEN_HOME elsewhere: its ancestors are refused too.
         let pen = Path::new("/var/lib/pen");
@@ -384,7 +393,11 @@ mod tests {
 
     fn mode(path: &Path) -> u32 {
         use std::os::unix::fs::PermissionsExt;
-        std::fs::symlink_metadata(path).unwrap().permissions().mode() & 0o7777
+        std::fs::symlink_metadata(path)
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o7777
     }
 
     fn set_mode(path: &Path, mode: u32) {
@@ -423,7 +436,10 @@ mod tests {
 
         let file = tmp.path().join("file");
         std::fs::write(&file, b"").unwrap();
-        assert!(check_private_dir(&file).unwrap_err().to_string().contains("not a directory"));
+        assert!(check_private_dir(&file)
+            .unwrap_err()
+            .to_string()
+            .contains("not a directory"));
     }
 
     #[test]

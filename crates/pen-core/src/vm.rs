@@ -159,7 +159,11 @@ pub fn status(paths: &VmPaths) -> (Status, Option<u32>) {
 
 /// The pid a supervisor wrote into the VM's lock file, if any.
 pub fn lock_pid(paths: &VmPaths) -> Option<u32> {
-    std::fs::read_to_string(paths.lock()).ok()?.trim().parse().ok()
+    std::fs::read_to_string(paths.lock())
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// Whether `pid` is a live pen supervisor of VM `name` of the pen home `home`, as the
@@ -289,9 +293,19 @@ mod tests {
         assert!(looks_like_supervisor(cmd, env, home, "dev"));
         // Another VM, another PEN_HOME, another program: not it.
         assert!(!looks_like_supervisor(cmd, env, home, "dev2"));
-        assert!(!looks_like_supervisor(cmd, b"PEN_HOME=/h/pen2\0", home, "dev"));
-        assert!(!looks_like_supervisor(b"sleep\0100\0", env, home, "dev"));
-        assert!(!looks_like_supervisor(b"sh\0-c\0__supervise\0dev\0", env, home, "dev"));
+        assert!(!looks_like_supervisor(
+            cmd,
+            b"PEN_HOME=/h/pen2\0",
+            home,
+            "dev"
+        ));
+        assert!(!looks_like_supervisor(b"sleep\0infinity\0", env, home, "dev"));
+        assert!(!looks_like_supervisor(
+            b"sh\0-c\0__supervise\0dev\0",
+            env,
+            home,
+            "dev"
+        ));
 
         // A pid reused after the lock was written started after it.
         let written = UNIX_EPOCH + std::time::Duration::from_secs(1_000_000);
@@ -323,7 +337,10 @@ mod tests {
         std::fs::write(paths.lock(), b"").unwrap();
         std::fs::set_permissions(paths.lock(), std::fs::Permissions::from_mode(0o644)).unwrap();
         drop(VmLock::try_acquire(&paths).unwrap().unwrap());
-        let mode = std::fs::metadata(paths.lock()).unwrap().permissions().mode();
+        let mode = std::fs::metadata(paths.lock())
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
     }
 

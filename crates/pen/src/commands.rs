@@ -199,7 +199,13 @@ fn prepare(home: &PenHome, name: Option<&str>, args: &CreateArgs) -> anyhow::Res
     }
     let (mut config, notices) =
         vm::resolve_config(&name, existing.clone(), &flags, running, &default_dir);
-    check_shareable(home, &config.dir, args.dir.is_some(), existing.is_some(), &name)?;
+    check_shareable(
+        home,
+        &config.dir,
+        args.dir.is_some(),
+        existing.is_some(),
+        &name,
+    )?;
     if existing.is_none() {
         config.setup_hash = loaded.as_ref().and_then(|l| l.profile.setup_hash());
     }

@@ -56,7 +56,9 @@ mod argv_scrub {
                 break;
             }
             let value = if arg == "--env" {
-                args.get(i + 1).and_then(|v| v.to_str()).filter(|v| v.contains('='))
+                args.get(i + 1)
+                    .and_then(|v| v.to_str())
+                    .filter(|v| v.contains('='))
             } else {
                 arg.to_str()
                     .and_then(|a| a.strip_prefix("--env="))
@@ -77,7 +79,8 @@ mod argv_scrub {
     }
 
     fn reexec(argv0: &OsString, rest: &[OsString], values: &[String]) -> anyhow::Result<()> {
-        let fd = nix::sys::memfd::memfd_create(c"pen-env", nix::sys::memfd::MemFdCreateFlag::empty())?;
+        let fd =
+            nix::sys::memfd::memfd_create(c"pen-env", nix::sys::memfd::MemFdCreateFlag::empty())?;
         let mut file = std::fs::File::from(fd);
         file.write_all(&serde_json::to_vec(values)?)?;
         file.rewind()?;
@@ -115,12 +118,26 @@ mod argv_scrub {
         #[test]
         fn env_values_leave_the_command_line() {
             let (kept, values) = split(&os(&[
-                "pen", "exec", "vm", "--env", "A=1", "--env=B=2=3", "--env", "NOEQ", "--cpus",
-                "1", "--", "sh", "--env", "C=4",
+                "pen",
+                "exec",
+                "vm",
+                "--env",
+                "A=1",
+                "--env=B=2=3",
+                "--env",
+                "NOEQ",
+                "--cpus",
+                "1",
+                "--",
+                "sh",
+                "--env",
+                "C=4",
             ]));
             assert_eq!(
                 kept,
-                os(&["pen", "exec", "vm", "--env", "NOEQ", "--cpus", "1", "--", "sh", "--env", "C=4"])
+                os(&[
+                    "pen", "exec", "vm", "--env", "NOEQ", "--cpus", "1", "--", "sh", "--env", "C=4"
+                ])
             );
             assert_eq!(values, ["A=1", "B=2=3"]);
             // Other commands have no --env: clap must see it and refuse it.

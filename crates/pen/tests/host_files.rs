@@ -81,10 +81,19 @@ fn runtime_dir_owned_by_another_user_is_refused() {
         vec!["shell", "vm", "--dir", &ws],
     ] {
         let out = pen_without_xdg(&pen, &args);
-        out.fails_with(None, &[&level.to_string_lossy(), "owned by uid 65534", "remove it"]);
+        out.fails_with(
+            None,
+            &[&level.to_string_lossy(), "owned by uid 65534", "remove it"],
+        );
     }
-    assert!(entries(&level).is_empty(), "pen created files in the attacker's directory");
-    assert!(entries(&pen.home.join("vms")).is_empty(), "a VM was created");
+    assert!(
+        entries(&level).is_empty(),
+        "pen created files in the attacker's directory"
+    );
+    assert!(
+        entries(&pen.home.join("vms")).is_empty(),
+        "a VM was created"
+    );
     fake_vm(&pen, "vm");
     pen_without_xdg(&pen, &["stop", "vm"]).fails_with(None, &["owned by uid 65534"]);
     pen_without_xdg(&pen, &["delete", "vm", "--force"]).fails_with(None, &["owned by uid 65534"]);
@@ -109,8 +118,15 @@ fn runtime_dir_symlink_is_refused_and_never_followed() {
     pen_without_xdg(&pen, &["exec", "vm", "--dir", &ws, "--", "true"])
         .fails_with(None, &[&level.to_string_lossy(), "symlink"]);
     pen_without_xdg(&pen, &["delete", "vm", "--force"]).fails_with(None, &["symlink"]);
-    assert_eq!(std::fs::read(victim.join("vm/precious")).unwrap(), b"keep me");
-    assert_eq!(entries(&victim.join("vm")).len(), 1, "pen wrote through the symlink");
+    assert_eq!(
+        std::fs::read(victim.join("vm/precious")).unwrap(),
+        b"keep me"
+    );
+    assert_eq!(
+        entries(&victim.join("vm")).len(),
+        1,
+        "pen wrote through the symlink"
+    );
     assert!(pen.vm_dir("vm").join("vm.json").exists());
 
     // With XDG_RUNTIME_DIR set, pen's `pen/` directory there gets the same checks.
@@ -168,13 +184,25 @@ fn everything_pen_makes_is_private_whatever_the_umask() {
     pen_umask0(&pen, &args(pen.create_args("start", "m", &[]))).ok();
     pen_umask0(&pen, &args(pen.exec_args("m", &["true"]))).ok();
     let vm = pen.vm_dir("m");
-    for file in ["vm.json", "lock", "overlay.img", "console.log", "supervisor.log"] {
+    for file in [
+        "vm.json",
+        "lock",
+        "overlay.img",
+        "console.log",
+        "supervisor.log",
+    ] {
         assert!(vm.join(file).exists(), "no {file}");
     }
-    assert!(runtime.join("m/pen.sock").exists(), "the runtime dir is not where expected");
+    assert!(
+        runtime.join("m/pen.sock").exists(),
+        "the runtime dir is not where expected"
+    );
     let mut open = not_private(&pen.home);
     open.extend(not_private(&runtime));
-    assert!(open.is_empty(), "readable by others while running: {open:#?}");
+    assert!(
+        open.is_empty(),
+        "readable by others while running: {open:#?}"
+    );
 
     pen_umask0(&pen, &["stop".into(), "m".into()]).ok();
     let mut open = not_private(&pen.home);
@@ -212,13 +240,19 @@ fn a_lock_held_by_a_stranger_is_an_error_not_a_loop() {
     drop(shared);
 
     // An exclusive lock naming a pid that is not a supervisor (a reused pid): not killed.
-    let mut bystander = std::process::Command::new("sleep").arg("300").spawn().unwrap();
+    let mut bystander = std::process::Command::new("sleep")
+        .arg("300")
+        .spawn()
+        .unwrap();
     std::fs::write(dir.join("lock"), format!("{}\n", bystander.id())).unwrap();
     let file = std::fs::File::open(dir.join("lock")).unwrap();
     let exclusive = Flock::lock(file, FlockArg::LockExclusiveNonblock).unwrap();
     pen.run(&["stop", "--force", &name])
         .fails_with(None, &["not its pen supervisor", "not killing"]);
-    assert!(bystander.try_wait().unwrap().is_none(), "stop --force killed a bystander");
+    assert!(
+        bystander.try_wait().unwrap().is_none(),
+        "stop --force killed a bystander"
+    );
     drop(exclusive);
     let _ = bystander.kill();
     let _ = bystander.wait();

@@ -170,7 +170,13 @@ fn env_reaches_the_guest_and_never_touches_a_disk_or_an_argv() {
     let d = random_token("pen-env-d-");
     let mut exec = pen.create_args("exec", "env", &["--env", &format!("PEN_D={d}")]);
     exec.extend(
-        ["--", "sh", "-c", "printf '%s' \"$PEN_D\" > /workspace/d; sleep 60"].map(String::from),
+        [
+            "--",
+            "sh",
+            "-c",
+            "printf '%s' \"$PEN_D\" > /workspace/d; sleep 60",
+        ]
+        .map(String::from),
     );
     let client = pen.spawn(&exec, None);
     let up = wait_until(TIMEOUT, || pen.ws.join("d").exists());
@@ -178,8 +184,14 @@ fn env_reaches_the_guest_and_never_touches_a_disk_or_an_argv() {
     assert_eq!(std::fs::read_to_string(pen.ws.join("d")).unwrap(), d);
     let cmdline = std::fs::read(format!("/proc/{}/cmdline", client.pid())).unwrap();
     let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-    assert!(cmdline.contains("PEN_D") || cmdline.contains("exec"), "{cmdline}");
-    assert!(!cmdline.contains(&d), "the env value is in pen's argv: {cmdline}");
+    assert!(
+        cmdline.contains("PEN_D") || cmdline.contains("exec"),
+        "{cmdline}"
+    );
+    assert!(
+        !cmdline.contains(&d),
+        "the env value is in pen's argv: {cmdline}"
+    );
     kill9(client.pid());
     drop(client);
     std::fs::remove_file(pen.ws.join("d")).unwrap();
@@ -199,14 +211,20 @@ fn stop_right_after_a_large_unsynced_write_keeps_it_whole() {
         .ok();
     let started = std::time::Instant::now();
     pen.run(&["stop", "big"]).ok();
-    eprintln!("pen stop after 500 MB unsynced took {:?}", started.elapsed());
+    eprintln!(
+        "pen stop after 500 MB unsynced took {:?}",
+        started.elapsed()
+    );
     let log = std::fs::read_to_string(pen.vm_dir("big").join("supervisor.log")).unwrap();
     assert!(
         !log.contains("did not power off"),
         "the guest was cut off while syncing:\n{log}"
     );
     let out = pen
-        .exec("big", &["sh", "-c", "stat -c %s /root/big; sha256sum < /root/big"])
+        .exec(
+            "big",
+            &["sh", "-c", "stat -c %s /root/big; sha256sum < /root/big"],
+        )
         .ok();
     // sha256 of 500 MiB of zero bytes.
     assert_eq!(

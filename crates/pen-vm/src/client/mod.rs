@@ -161,20 +161,6 @@ pub fn ensure_running(home: &PenHome, vm: &VmConfig, opts: StartOptions) -> anyh
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::forward_stdin;
-
-    #[test]
-    fn stdin_is_forwarded_unless_it_is_a_terminal_nobody_asked_for() {
-        // (terminal, -i, -t) -> forwarded
-        assert!(forward_stdin(false, false, false));
-        assert!(!forward_stdin(true, false, false));
-        assert!(forward_stdin(true, true, false));
-        assert!(forward_stdin(true, false, true));
-    }
-}
-
 /// An interactive shell in `/workspace` on a PTY (a plain session when stdin is not a
 /// terminal). Returns the shell's exit status.
 pub fn shell(home: &PenHome, name: &str, env: Vec<(String, String)>) -> anyhow::Result<i32> {
@@ -631,5 +617,19 @@ fn wait_stopped(paths: &VmPaths, limit: Duration) -> bool {
             return false;
         }
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::forward_stdin;
+
+    #[test]
+    fn stdin_is_forwarded_unless_it_is_a_terminal_nobody_asked_for() {
+        // (terminal, -i, -t) -> forwarded
+        assert!(forward_stdin(false, false, false));
+        assert!(!forward_stdin(true, false, false));
+        assert!(forward_stdin(true, true, false));
+        assert!(forward_stdin(true, false, true));
     }
 }

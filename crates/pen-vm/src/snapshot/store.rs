@@ -262,7 +262,8 @@ impl Pending {
     /// Copies the guest RAM out of `memfd`. The guest must be stopped.
     pub fn write_ram(&mut self, memfd: &File, ram_size: u64) -> anyhow::Result<()> {
         let path = self.tmp.path().join(RAM);
-        let out = pen_core::fsutil::create_private_file(&path).with_context(|| format!("creating {}", path.display()))?;
+        let out = pen_core::fsutil::create_private_file(&path)
+            .with_context(|| format!("creating {}", path.display()))?;
         let check = ram::save(memfd, ram_size, &out)
             .with_context(|| format!("writing {}", path.display()))?;
         self.ram = Some(check);

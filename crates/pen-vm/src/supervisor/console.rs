@@ -28,8 +28,8 @@ pub(super) fn pipe(log: &Path) -> anyhow::Result<OwnedFd> {
         std::os::fd::AsRawFd::as_raw_fd(&write),
         nix::fcntl::FcntlArg::F_SETPIPE_SZ(1 << 20),
     );
-    let mut out =
-        CappedLog::append(log, CONSOLE_LOG_MAX).with_context(|| format!("opening {}", log.display()))?;
+    let mut out = CappedLog::append(log, CONSOLE_LOG_MAX)
+        .with_context(|| format!("opening {}", log.display()))?;
     std::thread::Builder::new()
         .name("console".into())
         .spawn(move || {

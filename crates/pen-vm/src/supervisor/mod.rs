@@ -241,9 +241,7 @@ impl Drop for LogPump {
             let _ = nix::unistd::dup2(null.as_raw_fd(), 1);
             let _ = nix::unistd::dup2(null.as_raw_fd(), 2);
         }
-        let _ = self
-            .done
-            .recv_timeout(std::time::Duration::from_secs(2));
+        let _ = self.done.recv_timeout(std::time::Duration::from_secs(2));
     }
 }
 

@@ -638,7 +638,10 @@ impl Sup<'_> {
 }
 
 /// Whether the overlay disk was written between two looks at its mtime.
-fn still_writing(before: Option<std::time::SystemTime>, now: Option<std::time::SystemTime>) -> bool {
+fn still_writing(
+    before: Option<std::time::SystemTime>,
+    now: Option<std::time::SystemTime>,
+) -> bool {
     matches!((before, now), (Some(b), Some(n)) if n != b)
 }
 
