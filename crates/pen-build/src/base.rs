@@ -23,7 +23,7 @@ use pen_core::vm::now_secs;
 /// Builds the base image, or waits for a build already running and reuses its result.
 pub fn build_base(home: &PenHome) -> anyhow::Result<BaseImage> {
     let images = home.images();
-    std::fs::create_dir_all(&images).with_context(|| format!("creating {}", images.display()))?;
+    pen_core::fsutil::create_private_dir_all(&images)?;
     let _lock = lock_builds(&images)?;
     // Whoever held the lock before us may have just built it.
     if let Some(image) = BaseImage::load(home) {
@@ -75,8 +75,8 @@ fn build_into(home: &PenHome, progress: &Progress) -> anyhow::Result<BaseImage> 
         .prefix(".tmp-base-")
         .tempdir_in(&images)?;
     let log_path = images.join("base-build.log");
-    let mut log =
-        File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
+    let mut log = pen_core::fsutil::create_private_file(&log_path)
+        .with_context(|| format!("creating {}", log_path.display()))?;
 
     let sources = sources::host_sources(
         Path::new("/etc"),
@@ -117,7 +117,7 @@ fn build_into(home: &PenHome, progress: &Progress) -> anyhow::Result<BaseImage> 
 
     // 3. Boot files.
     let modules_dir = tmp.path().join("modules");
-    std::fs::create_dir_all(&modules_dir)?;
+    pen_core::fsutil::create_private_dir_all(&modules_dir)?;
     let mut load_list = String::new();
     for path in &order {
         let file = path.rsplit('/').next().unwrap_or(path);
@@ -208,7 +208,7 @@ fn write_initrd(modules_dir: &Path, out: &Path) -> anyhow::Result<()> {
         mode: 0o644,
         contents: load_list.into_bytes(),
     });
-    let out_file = std::io::BufWriter::new(File::create(out)?);
+    let out_file = std::io::BufWriter::new(pen_core::fsutil::create_private_file(out)?);
     initrd::write_cpio(out_file, &files)?.flush()?;
     Ok(())
 }

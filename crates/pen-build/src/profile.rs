@@ -5,6 +5,7 @@
 //! [`pen_core::image::profile`]; `build.hash` is written last, so a build that fails anywhere
 //! leaves the previous image and its `build.hash` untouched.
 
+use pen_core::logfile::{rotated, CappedLog, BUILD_LOG_MAX};
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -54,7 +55,7 @@ pub fn build(home: &PenHome, profile: &LoadedProfile, base: &BaseImage) -> anyho
     // Checked before anything is created: a bad PEN_BUILD_CA_CERTS is a usage error.
     let extra_ca = ExtraCaCerts::from_env()?;
     let dir = home.profile_image_dir(&profile.name);
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    pen_core::fsutil::create_private_dir_all(&dir)?;
     let lock_file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -86,7 +87,7 @@ pub fn build(home: &PenHome, profile: &LoadedProfile, base: &BaseImage) -> anyho
 
 /// Writes each chunk to the build log and shows its last line as progress.
 struct LogSink<'a> {
-    log: &'a mut File,
+    log: &'a mut CappedLog,
     progress: &'a Progress,
     echo: bool,
 }
@@ -126,7 +127,8 @@ fn build_locked(
         .tempdir_in(&dir)?;
     let builder_home = PenHome::at(scratch.path());
     let log_tmp = scratch.path().join("build.log");
-    let mut log = File::create(&log_tmp)?;
+    // Capped: the build's output is the builder guest's to choose.
+    let mut log = CappedLog::start(&log_tmp, BUILD_LOG_MAX)?;
     writeln!(
         log,
         "pen: building profile {} (cache key {key})",
@@ -220,12 +222,12 @@ fn build_locked(
         progress.println(&format!("pen: [{}] {step}", profile.name));
         writeln!(log, "pen: step {step}: {command:?}")?;
         let mut out = LogSink {
-            log: &mut log.try_clone()?,
+            log: &mut log.clone(),
             progress,
             echo: false,
         };
         let mut err = LogSink {
-            log: &mut log.try_clone()?,
+            log: &mut log.clone(),
             progress,
             echo: false,
         };
@@ -305,15 +307,21 @@ fn argv(words: &[&str]) -> Vec<String> {
     words.iter().map(|w| w.to_string()).collect()
 }
 
+/// Copies the build's log (and its rotation, when it outgrew the cap) beside the image.
 fn keep_log(log_tmp: &Path, dir: &Path) {
-    let _ = std::fs::copy(log_tmp, dir.join("build.log"));
+    let kept = dir.join("build.log");
+    let _ = std::fs::copy(log_tmp, &kept);
+    let _ = std::fs::remove_file(rotated(&kept));
+    if rotated(log_tmp).exists() {
+        let _ = std::fs::copy(rotated(log_tmp), rotated(&kept));
+    }
 }
 
 /// Streams the builder's merged root as tar (over the control channel) into tar2sqfs.
 fn pack_guest_root(
     builder_home: &PenHome,
     out: &Path,
-    log: &mut File,
+    log: &mut CappedLog,
     progress: &Progress,
 ) -> anyhow::Result<()> {
     let (packer, input) = Packer::start(out)?;

@@ -1,15 +1,23 @@
 //! Packing a tar stream into a squashfs image with `tar2sqfs` (squashfs-tools-ng), the one
 //! packer both the base image and profile images use.
 
+use std::io::Read;
 use std::path::Path;
 use std::process::{Child, ChildStdin, Command, Stdio};
+use std::thread::JoinHandle;
 
 use anyhow::Context;
 
 /// A running `tar2sqfs` writing `out`; feed it tar on [`Packer::input`], then [`Packer::finish`].
 pub struct Packer {
     child: Child,
+    /// Drains the packer's stderr as it comes (a chatty packer must never block on a full
+    /// pipe while we feed its stdin); keeps the last [`STDERR_KEPT`] bytes.
+    stderr: JoinHandle<Vec<u8>>,
 }
+
+/// How much of the packer's stderr is kept for the error message.
+const STDERR_KEPT: usize = 16 * 1024;
 
 impl Packer {
     pub fn start(out: &Path) -> anyhow::Result<(Packer, ChildStdin)> {
@@ -33,21 +41,76 @@ impl Packer {
             .spawn()
             .context("starting tar2sqfs (install squashfs-tools-ng)")?;
         let input = child.stdin.take().expect("stdin is piped");
-        Ok((Packer { child }, input))
+        let mut pipe = child.stderr.take().expect("stderr is piped");
+        let stderr = std::thread::spawn(move || drain_keeping_tail(&mut pipe, STDERR_KEPT));
+        Ok((Packer { child, stderr }, input))
     }
 
     /// Waits for the packer (its input must be dropped first). `Err` holds its last words.
-    pub fn finish(self) -> anyhow::Result<Result<(), String>> {
-        let output = self.child.wait_with_output()?;
-        if output.status.success() {
+    pub fn finish(mut self) -> anyhow::Result<Result<(), String>> {
+        let status = self.child.wait()?;
+        let stderr = self.stderr.join().unwrap_or_default();
+        if status.success() {
             return Ok(Ok(()));
         }
-        let last = String::from_utf8_lossy(&output.stderr)
+        let last = String::from_utf8_lossy(&stderr)
             .lines()
             .rfind(|l| !l.trim().is_empty())
             .unwrap_or("")
             .trim()
             .to_string();
-        Ok(Err(format!("tar2sqfs failed ({}): {last}", output.status)))
+        Ok(Err(format!("tar2sqfs failed ({status}): {last}")))
+    }
+}
+
+/// Reads `pipe` to its end, keeping only the last `keep` bytes.
+fn drain_keeping_tail(pipe: &mut impl Read, keep: usize) -> Vec<u8> {
+    let mut tail = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        match pipe.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                tail.extend_from_slice(&buf[..n]);
+                if tail.len() > 2 * keep {
+                    tail.drain(..tail.len() - keep);
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => break,
+        }
+    }
+    if tail.len() > keep {
+        tail.drain(..tail.len() - keep);
+    }
+    tail
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_chatty_child_is_drained_while_it_runs() {
+        // 1 MiB on stderr before reading stdin: with stderr read only at exit, the child
+        // would block on the full pipe and never read its input.
+        let mut child = Command::new("sh")
+            .args([
+                "-c",
+                "head -c 1048576 /dev/zero >&2; cat >/dev/null; echo last >&2",
+            ])
+            .stdin(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut pipe = child.stderr.take().unwrap();
+        let drain = std::thread::spawn(move || drain_keeping_tail(&mut pipe, 64));
+        let mut input = child.stdin.take().unwrap();
+        std::io::Write::write_all(&mut input, &vec![0u8; 1 << 20]).unwrap();
+        drop(input);
+        assert!(child.wait().unwrap().success());
+        let tail = drain.join().unwrap();
+        assert_eq!(tail.len(), 64);
+        assert!(tail.ends_with(b"last\n"));
     }
 }

@@ -1,5 +1,8 @@
 //! File helpers. Every file pen writes that others read goes through [`write_atomic`], so a
-//! reader never sees half a file and a crash never leaves one.
+//! reader never sees half a file and a crash never leaves one. Everything pen creates is
+//! private to the user, whatever the umask: directories 0700, files 0600
+//! ([`create_private_dir_all`], [`create_private_file`]; `pen` also sets umask 077 for
+//! itself and the programs it starts).
 
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -10,7 +13,8 @@ use sha2::{Digest, Sha256};
 /// Writes `contents` to a temporary file beside `path`, fsyncs it and renames it into place.
 pub fn write_atomic(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
     let dir = path.parent().context("path has no parent directory")?;
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    create_private_dir_all(dir)?;
+    // NamedTempFile creates 0600.
     let mut tmp = tempfile::NamedTempFile::new_in(dir)
         .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
     tmp.write_all(contents)
@@ -20,6 +24,27 @@ pub fn write_atomic(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
         .with_context(|| format!("renaming into {}", path.display()))?;
     sync_dir(dir);
     Ok(())
+}
+
+/// `create_dir_all` with mode 0700 for every directory it creates.
+pub fn create_private_dir_all(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("creating {}", dir.display()))
+}
+
+/// `File::create` (write, create, truncate) with mode 0600 for a new file.
+pub fn create_private_file(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
 }
 
 /// First executable file called `name` in `PATH`.

@@ -14,6 +14,7 @@ pub mod envspec;
 pub mod error;
 pub mod fsutil;
 pub mod image;
+pub mod logfile;
 pub mod names;
 pub mod paths;
 pub mod profile;

@@ -122,14 +122,25 @@ impl VmLock {
     }
 }
 
+/// Opens (creates) the lock file, 0600: a process of another user that could open it
+/// could hold a lock on it and wedge the VM. One made by an older pen is tightened.
 fn open_lock_file(path: &Path) -> anyhow::Result<File> {
-    std::fs::OpenOptions::new()
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(path)
-        .with_context(|| format!("opening {}", path.display()))
+        .with_context(|| format!("opening {}", path.display()))?;
+    let mode = file.metadata()?.permissions().mode();
+    if mode & 0o077 != 0 {
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("making {} private", path.display()))?;
+    }
+    Ok(file)
 }
 
 /// Running (with the supervisor's pid) or stopped. Probes the lock without disturbing it.
@@ -144,6 +155,79 @@ pub fn status(paths: &VmPaths) -> (Status, Option<u32>) {
         Ok(_probe) => (Status::Stopped, None),
         Err(_) => (Status::Running, pid),
     }
+}
+
+/// The pid a supervisor wrote into the VM's lock file, if any.
+pub fn lock_pid(paths: &VmPaths) -> Option<u32> {
+    std::fs::read_to_string(paths.lock())
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Whether `pid` is a live pen supervisor of VM `name` of the pen home `home`, as the
+/// pid in its lock claims: a process of ours whose command line is `pen __supervise NAME`
+/// with `PEN_HOME=home` in its environment, started before the lock file was written (a
+/// later process that reused the pid is not it). Before signalling a pid from the lock
+/// file, or concluding that nobody but a supervisor holds the lock.
+pub fn is_supervisor(paths: &VmPaths, pid: u32, home: &Path, name: &str) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let proc = PathBuf::from(format!("/proc/{pid}"));
+    let Ok(meta) = std::fs::metadata(&proc) else {
+        return false;
+    };
+    if pid == 0 || meta.uid() != nix::unistd::geteuid().as_raw() {
+        return false;
+    }
+    let cmdline = std::fs::read(proc.join("cmdline")).unwrap_or_default();
+    let environ = std::fs::read(proc.join("environ")).unwrap_or_default();
+    if !looks_like_supervisor(&cmdline, &environ, home, name) {
+        return false;
+    }
+    match (
+        process_start(pid),
+        std::fs::metadata(paths.lock()).and_then(|m| m.modified()),
+    ) {
+        (Some(started), Ok(written)) => started_before(started, written),
+        _ => false,
+    }
+}
+
+/// `pen __supervise NAME` with `PEN_HOME=home`, from /proc's NUL-separated lists.
+fn looks_like_supervisor(cmdline: &[u8], environ: &[u8], home: &Path, name: &str) -> bool {
+    let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+    let mut want = b"PEN_HOME=".to_vec();
+    want.extend_from_slice(home.as_os_str().as_encoded_bytes());
+    args.len() >= 3
+        && args[1] == b"__supervise"
+        && args[2] == name.as_bytes()
+        && environ.split(|b| *b == 0).any(|e| e == want.as_slice())
+}
+
+/// A supervisor writes the lock after it starts. /proc gives start times to the clock tick
+/// on top of a boot time in whole seconds: allow 2 s.
+fn started_before(started: SystemTime, lock_written: SystemTime) -> bool {
+    started <= lock_written + std::time::Duration::from_secs(2)
+}
+
+/// When process `pid` started (from /proc/PID/stat's start time and /proc/stat's btime).
+fn process_start(pid: u32) -> Option<SystemTime> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces and parentheses): field 22,
+    // the start time in clock ticks since boot, is the 20th.
+    let after = &stat[stat.rfind(')')? + 1..];
+    let ticks: u64 = after.split_whitespace().nth(19)?.parse().ok()?;
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok()??;
+    let btime: u64 = std::fs::read_to_string("/proc/stat")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("btime "))?
+        .trim()
+        .parse()
+        .ok()?;
+    let since_boot = std::time::Duration::from_millis(ticks * 1000 / hz as u64);
+    Some(UNIX_EPOCH + std::time::Duration::from_secs(btime) + since_boot)
 }
 
 /// Names of all VMs that have a `vm.json`, sorted.
@@ -199,6 +283,65 @@ mod tests {
         std::fs::write(paths.config(), b"{").unwrap();
         let err = format!("{:#}", VmConfig::load(&paths).unwrap_err());
         assert!(err.contains("vm.json is damaged"), "{err}");
+    }
+
+    #[test]
+    fn supervisor_identity_check() {
+        let home = Path::new("/h/pen");
+        let cmd = b"/usr/bin/pen\0__supervise\0dev\0";
+        let env = b"PATH=/bin\0PEN_HOME=/h/pen\0";
+        assert!(looks_like_supervisor(cmd, env, home, "dev"));
+        // Another VM, another PEN_HOME, another program: not it.
+        assert!(!looks_like_supervisor(cmd, env, home, "dev2"));
+        assert!(!looks_like_supervisor(
+            cmd,
+            b"PEN_HOME=/h/pen2\0",
+            home,
+            "dev"
+        ));
+        assert!(!looks_like_supervisor(b"sleep\0infinity\0", env, home, "dev"));
+        assert!(!looks_like_supervisor(
+            b"sh\0-c\0__supervise\0dev\0",
+            env,
+            home,
+            "dev"
+        ));
+
+        // A pid reused after the lock was written started after it.
+        let written = UNIX_EPOCH + std::time::Duration::from_secs(1_000_000);
+        let secs = std::time::Duration::from_secs;
+        assert!(started_before(written - secs(60), written));
+        assert!(started_before(written + secs(1), written));
+        assert!(!started_before(written + secs(60), written));
+
+        // This test process: started in the past, and not a supervisor.
+        let me = std::process::id();
+        let started = process_start(me).expect("our own start time");
+        assert!(started <= SystemTime::now() + secs(2));
+        assert!(started > SystemTime::now() - secs(24 * 3600 * 365));
+        let home = PenHome::at(tempfile::tempdir().unwrap().keep());
+        let paths = VmPaths::new(&home, "dev");
+        std::fs::create_dir_all(&paths.dir).unwrap();
+        let _lock = VmLock::try_acquire(&paths).unwrap().unwrap();
+        assert_eq!(lock_pid(&paths), Some(me));
+        assert!(!is_supervisor(&paths, me, home.root(), "dev"));
+        assert!(!is_supervisor(&paths, u32::MAX, home.root(), "dev"));
+    }
+
+    #[test]
+    fn lock_file_is_private_even_when_made_before() {
+        use std::os::unix::fs::PermissionsExt;
+        let home = PenHome::at(tempfile::tempdir().unwrap().keep());
+        let paths = VmPaths::new(&home, "dev");
+        std::fs::create_dir_all(&paths.dir).unwrap();
+        std::fs::write(paths.lock(), b"").unwrap();
+        std::fs::set_permissions(paths.lock(), std::fs::Permissions::from_mode(0o644)).unwrap();
+        drop(VmLock::try_acquire(&paths).unwrap().unwrap());
+        let mode = std::fs::metadata(paths.lock())
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
     }
 
     #[test]

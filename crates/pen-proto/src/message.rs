@@ -109,11 +109,13 @@ pub enum ExitStatus {
 }
 
 impl ExitStatus {
-    /// The status a shell would report: the exit code, or 128 + the signal number.
+    /// The status a shell would report: the exit code, or 128 + the signal number. The
+    /// number comes from the guest, so it is clamped: 128 + N lands in 129..=255 for any N
+    /// (a bogus signal cannot overflow or pose as a plain exit code).
     pub fn code(self) -> i32 {
         match self {
             ExitStatus::Exited(code) => code,
-            ExitStatus::Signaled(signal) => 128 + signal,
+            ExitStatus::Signaled(signal) => 128i32.saturating_add(signal).clamp(129, 255),
         }
     }
 }
@@ -126,5 +128,13 @@ mod tests {
     fn exit_code_follows_shell_convention() {
         assert_eq!(ExitStatus::Exited(3).code(), 3);
         assert_eq!(ExitStatus::Signaled(9).code(), 137);
+    }
+
+    #[test]
+    fn hostile_signal_numbers_neither_overflow_nor_leave_the_signal_range() {
+        assert_eq!(ExitStatus::Signaled(i32::MAX).code(), 255);
+        assert_eq!(ExitStatus::Signaled(i32::MIN).code(), 129);
+        assert_eq!(ExitStatus::Signaled(0).code(), 129);
+        assert_eq!(ExitStatus::Signaled(127).code(), 255);
     }
 }

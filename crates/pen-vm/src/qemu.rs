@@ -69,8 +69,11 @@ pub struct QemuSpec {
     pub guest_debug: bool,
     /// The VM's read/write overlay disk (raw).
     pub overlay: PathBuf,
-    /// Serial console output; truncated at each boot.
+    /// Where the supervisor writes the serial console (`console.log`).
     pub console_log: PathBuf,
+    /// Descriptor number, in QEMU's process, of the pipe QEMU writes the serial console
+    /// into (the supervisor copies it to `console_log`, capped). Set when QEMU is started.
+    pub console_fd: i32,
     pub qmp_socket: PathBuf,
     pub agent_socket: PathBuf,
     /// virtiofsd's vhost-user socket; `None` runs without a workspace (builder VMs).
@@ -199,7 +202,7 @@ pub fn args(spec: &QemuSpec) -> Vec<OsString> {
     a.push(kernel_cmdline(spec.guest_debug).into());
 
     a.push("-chardev".into());
-    a.push(opt_path("file,id=console,path=", &spec.console_log));
+    a.push(format!("file,id=console,path=/proc/self/fd/{}", spec.console_fd).into());
     a.push("-serial".into());
     a.push("chardev:console".into());
 
@@ -324,6 +327,7 @@ mod tests {
             guest_debug: false,
             overlay: "/h/vms/dev/overlay.img".into(),
             console_log: "/h/vms/dev/console.log".into(),
+            console_fd: 4,
             qmp_socket: "/run/pen/dev/qmp.sock".into(),
             agent_socket: "/run/pen/dev/agent.sock".into(),
             virtiofs_socket: Some("/run/pen/dev/virtiofs.sock".into()),
@@ -349,7 +353,7 @@ mod tests {
              -object memory-backend-file,id=mem,size=2048M,mem-path=/proc/self/fd/7,share=on \
              -kernel /h/images/vmlinuz -initrd /h/images/initrd \
              -append console=ttyS0 panic=-1 quiet loglevel=3 rdinit=/init \
-             -chardev file,id=console,path=/h/vms/dev/console.log -serial chardev:console \
+             -chardev file,id=console,path=/proc/self/fd/4 -serial chardev:console \
              -chardev socket,id=qmp,path=/run/pen/dev/qmp.sock,server=on,wait=off -mon chardev=qmp,mode=control \
              -drive file=/h/images/rootfs.sqfs,if=none,id=root,format=raw,readonly=on \
              -device virtio-blk-pci,drive=root,serial=pen-root \

@@ -25,13 +25,22 @@ pub enum Command {
         create: CreateArgs,
     },
     /// Run one command in a VM; its exit status becomes pen's.
+    ///
+    /// Standard input: forwarded when it is not a terminal (a pipe, a file, /dev/null).
+    /// When it is a terminal, it is forwarded only with -i or -t; otherwise the command
+    /// gets end of input at once, so `pen exec ... &` and `timeout N pen exec ...` never
+    /// stop waiting for the terminal (SIGTTIN).
     Exec {
         name: String,
         #[command(flatten)]
         create: CreateArgs,
-        /// Give the command a pseudo-terminal.
+        /// Give the command a pseudo-terminal (implies -i).
         #[arg(short = 't', long = "tty")]
         tty: bool,
+        /// Forward this terminal's input to the command (input that is not a terminal is
+        /// always forwarded).
+        #[arg(short = 'i', long = "interactive")]
+        interactive: bool,
         /// The command and its arguments, after `--`.
         #[arg(last = true, required = true, value_name = "CMD")]
         command: Vec<String>,
@@ -142,7 +151,9 @@ pub enum ProfileCommand {
 /// Flags that create or shape a VM; recorded in vm.json on first use.
 #[derive(Debug, Args, Default, Clone)]
 pub struct CreateArgs {
-    /// Directory shared at /workspace (default: the current directory).
+    /// Directory shared at /workspace (default: the current directory). The VM can write
+    /// all of it: `/`, your home directory (or one holding it) and pen's own directory are
+    /// refused.
     #[arg(long, value_name = "PATH")]
     pub dir: Option<PathBuf>,
     /// Virtual CPUs (default: the host's count).

@@ -32,11 +32,13 @@ pub fn run(command: Command) -> anyhow::Result<i32> {
             name,
             create,
             tty,
+            interactive,
             command,
         } => {
             let vm = prepare(&home, Some(&name), &create)?;
             let env = start(&home, &vm, &create, false)?;
-            client::exec(&home, &vm.name, command, env, tty)
+            let stdin = client::forward_stdin(std::io::stdin().is_terminal(), interactive, tty);
+            client::exec(&home, &vm.name, command, env, tty, stdin)
         }
         Command::Start { name, create } => {
             let vm = prepare(&home, Some(&name), &create)?;
@@ -164,6 +166,8 @@ fn prepare(home: &PenHome, name: Option<&str>, args: &CreateArgs) -> anyhow::Res
     pen_vm::accel::choose(parse_accel(args)?)?;
 
     let paths = VmPaths::new(home, &name);
+    // Before anything is written: a runtime directory someone else controls stops here.
+    paths.check_runtime()?;
     let existing = VmConfig::load(&paths)?;
     let running = vm::status(&paths).0 == Status::Running;
     if !running {
@@ -195,6 +199,13 @@ fn prepare(home: &PenHome, name: Option<&str>, args: &CreateArgs) -> anyhow::Res
     }
     let (mut config, notices) =
         vm::resolve_config(&name, existing.clone(), &flags, running, &default_dir);
+    check_shareable(
+        home,
+        &config.dir,
+        args.dir.is_some(),
+        existing.is_some(),
+        &name,
+    )?;
     if existing.is_none() {
         config.setup_hash = loaded.as_ref().and_then(|l| l.profile.setup_hash());
     }
@@ -222,6 +233,35 @@ fn check_dir(dir: &Path) -> anyhow::Result<PathBuf> {
         );
     }
     Ok(dir.canonicalize()?)
+}
+
+/// Refuses (usage error) a shared directory the guest must not be able to write: see
+/// [`pen_core::paths::share_refusal`]. `from_flag`/`recorded` say where it came from.
+fn check_shareable(
+    home: &PenHome,
+    dir: &Path,
+    from_flag: bool,
+    recorded: bool,
+    name: &str,
+) -> anyhow::Result<()> {
+    let dir = pen_core::paths::canonical_lenient(dir);
+    let pen_home = pen_core::paths::canonical_lenient(home.root());
+    let user_home = std::env::var_os("HOME")
+        .filter(|h| !h.is_empty())
+        .map(|h| pen_core::paths::canonical_lenient(Path::new(&h)));
+    let Some(why) = pen_core::paths::share_refusal(&dir, &pen_home, user_home.as_deref()) else {
+        return Ok(());
+    };
+    let what = if from_flag {
+        format!("--dir {}", dir.display())
+    } else if recorded {
+        format!("VM {name}'s shared directory {}", dir.display())
+    } else {
+        format!("the current directory {}", dir.display())
+    };
+    usage!(
+        "{what} {why}; the VM may write all it is given: cd to a project directory or pass --dir PROJECT (a directory of its own)"
+    )
 }
 
 fn io_reason(e: &std::io::Error) -> String {
@@ -406,6 +446,8 @@ fn list(home: &PenHome, json: bool) -> anyhow::Result<i32> {
 fn delete(home: &PenHome, name: &str, force: bool) -> anyhow::Result<i32> {
     existing_vm(home, name)?;
     let paths = VmPaths::new(home, name);
+    // Its runtime directory is removed below: never through someone else's symlink.
+    paths.check_runtime()?;
     if vm::status(&paths).0 == Status::Running {
         if !force {
             return usage!("VM {name} is running; stop it first (`pen stop {name}`) or use `pen delete {name} --force`");
@@ -477,10 +519,22 @@ fn logs(home: &PenHome, name: &str, follow: bool) -> anyhow::Result<i32> {
         }
         out.flush()?;
         std::thread::sleep(std::time::Duration::from_millis(200));
-        // QEMU truncates the log when the VM boots again: start over.
-        let len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-        if len < file.stream_position()? {
-            file = std::fs::File::open(&path)?;
+        // A full log is rotated to console.log.1, and each start of the VM begins a new
+        // one: what we read is drained, go on with the new file.
+        use std::os::unix::fs::MetadataExt;
+        let now = std::fs::metadata(&path).ok();
+        let replaced = now
+            .as_ref()
+            .is_some_and(|m| m.ino() != file.metadata().map(|f| f.ino()).unwrap_or(0));
+        let shrunk = now.is_some_and(|m| m.len() < file.stream_position().unwrap_or(0));
+        if replaced || shrunk {
+            if let Ok(new) = std::fs::File::open(&path) {
+                // What the old file got since our last read (it is console.log.1 now).
+                if replaced {
+                    std::io::copy(&mut file, &mut out)?;
+                }
+                file = new;
+            }
         }
     }
 }

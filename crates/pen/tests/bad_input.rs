@@ -101,6 +101,40 @@ fn a_bad_pen_accel_is_refused_before_anything_is_made() {
     assert_no_vms(&pen);
 }
 
+/// Directories the guest must not be able to write: the host's root, the user's home and
+/// anything holding it, pen's own home and anything inside or holding it.
+#[test]
+fn sharing_home_root_or_pens_own_files_is_refused() {
+    let pen = Pen::without_vms("bad-share");
+    let home = pen.root.join("userhome");
+    std::fs::create_dir_all(&home).unwrap();
+    std::fs::create_dir_all(pen.home.join("vms")).unwrap();
+    let pen_home_parent = pen.home.join("..");
+    let cases: &[(&std::path::Path, &str)] = &[
+        (&home, "your home directory"),
+        (std::path::Path::new("/"), "root directory"),
+        (&pen_home_parent, "contains"),
+        (&pen.home.join("vms"), "inside pen's own directory"),
+    ];
+    for (dir, why) in cases {
+        let dir = dir.to_string_lossy().into_owned();
+        for verb in ["shell", "exec", "start"] {
+            let mut args = vec![verb, "vm", "--dir", &dir];
+            if verb == "exec" {
+                args.extend(["--", "true"]);
+            }
+            let mut cmd = pen.cmd(&args);
+            cmd.env("HOME", &home);
+            run_cmd(cmd, None, TIMEOUT).usage_error(&["--dir", why, "--dir PROJECT"]);
+        }
+    }
+    // `cd ~ && pen shell`: the default directory is refused the same way.
+    let mut cmd = pen.cmd::<&str>(&["shell"]);
+    cmd.env("HOME", &home).current_dir(&home);
+    run_cmd(cmd, None, TIMEOUT).usage_error(&["current directory", "your home directory"]);
+    assert_no_vms(&pen);
+}
+
 #[test]
 fn commands_on_a_missing_vm_say_so() {
     let pen = Pen::without_vms("missing-vm");

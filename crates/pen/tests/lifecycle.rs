@@ -164,8 +164,74 @@ fn env_reaches_the_guest_and_never_touches_a_disk_or_an_argv() {
         }
     };
     search("while running");
+
+    // A long-lived client (`pen shell`, a long `pen exec`) given `--env K=V`: the value
+    // reaches the guest but not the client's /proc/PID/cmdline, which every user can read.
+    let d = random_token("pen-env-d-");
+    let mut exec = pen.create_args("exec", "env", &["--env", &format!("PEN_D={d}")]);
+    exec.extend(
+        [
+            "--",
+            "sh",
+            "-c",
+            "printf '%s' \"$PEN_D\" > /workspace/d; sleep 60",
+        ]
+        .map(String::from),
+    );
+    let client = pen.spawn(&exec, None);
+    let up = wait_until(TIMEOUT, || pen.ws.join("d").exists());
+    assert!(up, "the long exec did not start");
+    assert_eq!(std::fs::read_to_string(pen.ws.join("d")).unwrap(), d);
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", client.pid())).unwrap();
+    let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+    assert!(
+        cmdline.contains("PEN_D") || cmdline.contains("exec"),
+        "{cmdline}"
+    );
+    assert!(
+        !cmdline.contains(&d),
+        "the env value is in pen's argv: {cmdline}"
+    );
+    kill9(client.pid());
+    drop(client);
+    std::fs::remove_file(pen.ws.join("d")).unwrap();
+
     pen.run(&["stop", "env"]).ok();
     search("after stop");
+}
+
+/// `pen stop` right after a large write that nobody synced: the guest's power-off syncs it
+/// within the grace (and the supervisor waits longer while the guest is still writing), so
+/// the next boot finds the whole file.
+#[test]
+fn stop_right_after_a_large_unsynced_write_keeps_it_whole() {
+    let pen = Pen::new("bigwrite");
+    pen.start("big");
+    pen.exec("big", &["sh", "-c", "head -c 500M /dev/zero > /root/big"])
+        .ok();
+    let started = std::time::Instant::now();
+    pen.run(&["stop", "big"]).ok();
+    eprintln!(
+        "pen stop after 500 MB unsynced took {:?}",
+        started.elapsed()
+    );
+    let log = std::fs::read_to_string(pen.vm_dir("big").join("supervisor.log")).unwrap();
+    assert!(
+        !log.contains("did not power off"),
+        "the guest was cut off while syncing:\n{log}"
+    );
+    let out = pen
+        .exec(
+            "big",
+            &["sh", "-c", "stat -c %s /root/big; sha256sum < /root/big"],
+        )
+        .ok();
+    // sha256 of 500 MiB of zero bytes.
+    assert_eq!(
+        out.stdout_str(),
+        "524288000\na08a92258f621b55d08ad1e84c90c2ea6286fc6b6c9a4dfa7156afb16c190170  -\n",
+        "{out}"
+    );
 }
 
 #[test]

@@ -190,3 +190,94 @@ fn interactive_shell_on_a_real_terminal() {
     assert_eq!(term.wait(TIMEOUT), Some(7));
     pen.wait_status("tty", "stopped", Duration::from_secs(60));
 }
+
+/// A tmux server of our own running an interactive bash: a real terminal with job control,
+/// where a background job reading the terminal is stopped by SIGTTIN.
+struct Tmux {
+    socket: std::path::PathBuf,
+}
+
+impl Tmux {
+    fn start(pen: &Pen) -> Tmux {
+        let socket = pen.root.join("tmux.sock");
+        let status = std::process::Command::new("tmux")
+            .arg("-S")
+            .arg(&socket)
+            .args(["new-session", "-d", "-x", "200", "-y", "50"])
+            .args(["bash", "--norc", "--noprofile", "-i"])
+            .env("PEN_HOME", &pen.home)
+            .env_remove("PEN_ACCEL")
+            .current_dir(&pen.ws)
+            .status()
+            .expect("running tmux (install it: bash scripts/install-host-deps.sh)");
+        assert!(status.success(), "tmux new-session failed");
+        Tmux { socket }
+    }
+
+    fn tmux(&self, args: &[&str]) -> std::process::Output {
+        std::process::Command::new("tmux")
+            .arg("-S")
+            .arg(&self.socket)
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    fn type_line(&self, line: &str) {
+        assert!(self.tmux(&["send-keys", "-l", line]).status.success());
+        assert!(self.tmux(&["send-keys", "Enter"]).status.success());
+    }
+
+    fn screen(&self) -> String {
+        let out = self.tmux(&["capture-pane", "-p", "-S", "-200"]);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Waits for `what` on the screen; panics with the screen after `timeout`.
+    #[track_caller]
+    fn expect(&self, what: &str, timeout: Duration) {
+        let ok = wait_until(timeout, || self.screen().contains(what));
+        assert!(
+            ok,
+            "no {what:?} on the terminal within {timeout:?}; it shows:\n{}",
+            self.screen()
+        );
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("===== tmux terminal\n{}\n=====", self.screen());
+        }
+        let _ = self.tmux(&["kill-server"]);
+    }
+}
+
+#[test]
+fn exec_from_a_terminal_in_the_background_or_under_timeout_finishes() {
+    let pen = Pen::new("bgexec");
+    pen.start("bg");
+    let term = Tmux::start(&pen);
+    // Each command reads no input; stdin is the terminal. Today's rule: pen does not read
+    // it (the command gets end of input), so a background pen is never stopped by SIGTTIN.
+    term.type_line(&format!("timeout 60 {PEN} exec bg -- true; echo done1-$?"));
+    term.expect("done1-0", Duration::from_secs(60));
+    term.type_line(&format!("{PEN} exec bg -- true & wait; echo done2-$?"));
+    term.expect("done2-0", Duration::from_secs(60));
+    // In the foreground too, a terminal is not forwarded without -i: `cat` ends at once.
+    term.type_line(&format!("{PEN} exec bg -- cat; echo done3-$?"));
+    term.expect("done3-0", Duration::from_secs(60));
+    // With -i the terminal is forwarded: cat echoes a line, then ends at Ctrl-D.
+    term.type_line(&format!("{PEN} exec -i bg -- cat; echo done4-$?"));
+    std::thread::sleep(Duration::from_secs(2));
+    term.type_line("typed-line");
+    assert!(term.tmux(&["send-keys", "C-d"]).status.success());
+    term.expect("done4-0", Duration::from_secs(60));
+    let screen = term.screen();
+    assert_eq!(
+        screen.matches("typed-line").count(),
+        2,
+        "cat -i should echo the typed line once:\n{screen}"
+    );
+}

@@ -61,6 +61,25 @@ pub struct StartOptions {
 /// How long a VM may sit locked but not answering (a supervisor starting up or shutting
 /// down) before we give up waiting for it.
 const UNRESPONSIVE_LIMIT: Duration = Duration::from_secs(60);
+/// How long the lock may be held with no supervisor of ours behind it (a supervisor takes
+/// the lock a moment before writing its pid) before we say someone else holds it.
+const STRANGER_LIMIT: Duration = Duration::from_secs(3);
+
+/// The error for a lock held by something that is not the VM's supervisor (another
+/// program, or another user's process that could open the file): respawning supervisors
+/// would only lose the lock race again and again.
+fn held_by_stranger(paths: &VmPaths, name: &str) -> anyhow::Error {
+    anyhow::anyhow!(
+        "VM {name}'s lock {} is held by a process that is not its pen supervisor; find it with `fuser -v {}`, end it and try again",
+        paths.lock().display(),
+        paths.lock().display()
+    )
+}
+
+/// Whether the pid in the VM's lock is its live supervisor (see [`vm::is_supervisor`]).
+fn supervisor_alive(home: &PenHome, paths: &VmPaths, name: &str) -> bool {
+    vm::lock_pid(paths).is_some_and(|pid| vm::is_supervisor(paths, pid, home.root(), name))
+}
 
 /// Makes sure VM `vm.name` runs, starting its supervisor if needed, and returns once it is
 /// ready for sessions. Two callers racing end with one VM, both attached. When the VM is
@@ -73,6 +92,16 @@ pub fn ensure_running(home: &PenHome, vm: &VmConfig, opts: StartOptions) -> anyh
     let paths = VmPaths::new(home, &vm.name);
     let rt = runtime()?;
     let mut unresponsive_since: Option<Instant> = None;
+    // Since when the lock has been held with no supervisor of ours behind it.
+    let mut stranger_since: Option<Instant> = None;
+    let mut stranger = |paths: &VmPaths| -> anyhow::Result<()> {
+        if supervisor_alive(home, paths, &vm.name) {
+            stranger_since = None;
+        } else if stranger_since.get_or_insert_with(Instant::now).elapsed() > STRANGER_LIMIT {
+            return Err(held_by_stranger(paths, &vm.name));
+        }
+        Ok(())
+    };
     loop {
         match rt.block_on(attach(&paths, &vm.name, opts.keep_running, opts.quiet))? {
             Attach::Ready => return Ok(()),
@@ -86,6 +115,7 @@ pub fn ensure_running(home: &PenHome, vm: &VmConfig, opts: StartOptions) -> anyh
         if let (Status::Running, pid) = vm::status(&paths) {
             // Locked without an answering socket: a supervisor between taking the lock and
             // binding its socket, or one shutting down. Either resolves in moments.
+            stranger(&paths)?;
             let since = *unresponsive_since.get_or_insert_with(Instant::now);
             if since.elapsed() > UNRESPONSIVE_LIMIT {
                 anyhow::bail!(
@@ -115,8 +145,14 @@ pub fn ensure_running(home: &PenHome, vm: &VmConfig, opts: StartOptions) -> anyh
         match spawn_supervisor(home, &paths, &vm.name, &params, &choice, opts.quiet)? {
             // Hold the VM for our session; if it is gone already, the loop starts it again.
             Report::Ready => continue,
-            // Someone else's supervisor won the lock: attach to it.
-            Report::Busy => continue,
+            // Someone else's supervisor won the lock: attach to it. Unless no supervisor
+            // holds it: a shared lock on the file (the status probe takes one) beats every
+            // supervisor we start, so say so instead of starting them forever.
+            Report::Busy => {
+                stranger(&paths)?;
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
             Report::Error(msg) => anyhow::bail!(msg),
             Report::Log(_) | Report::Started => {
                 unreachable!("spawn_supervisor returns terminal reports only")
@@ -146,7 +182,15 @@ fn host_tty() -> TtyRequest {
     }
 }
 
-/// Runs `argv` in the VM: stdin piped, stdout/stderr apart (`tty`: on a PTY instead).
+/// Whether `pen exec` forwards its stdin: always when it is not a terminal; from a
+/// terminal only when asked (`-i`, or `-t`). Reading a terminal we were not asked to read
+/// stops a background `pen` (SIGTTIN) for good, though the command may read nothing.
+pub fn forward_stdin(stdin_is_terminal: bool, interactive: bool, tty: bool) -> bool {
+    !stdin_is_terminal || interactive || tty
+}
+
+/// Runs `argv` in the VM: stdout/stderr apart (`tty`: on a PTY instead); stdin forwarded
+/// when `stdin` is set, else end of input right away (see [`forward_stdin`]).
 /// Returns the remote status: its exit code, or 128+N when killed by signal N.
 pub fn exec(
     home: &PenHome,
@@ -154,6 +198,7 @@ pub fn exec(
     argv: Vec<String>,
     env: Vec<(String, String)>,
     tty: bool,
+    stdin: bool,
 ) -> anyhow::Result<i32> {
     let tty = tty.then(host_tty);
     let request = ExecRequest {
@@ -162,7 +207,12 @@ pub fn exec(
         cwd: None,
         tty,
     };
-    run_session(home, name, request, session::Kind::Exec)
+    let kind = if stdin {
+        session::Kind::Exec
+    } else {
+        session::Kind::ExecNoInput
+    };
+    run_session(home, name, request, kind)
 }
 
 /// Runs `argv` in VM `name` for a program rather than a user (the image builder): no TTY,
@@ -206,6 +256,7 @@ pub fn run_captured(
 /// within a few seconds, and kills a supervisor that no longer answers.
 pub fn stop(home: &PenHome, name: &str, force: bool) -> anyhow::Result<()> {
     let paths = VmPaths::new(home, name);
+    paths.check_runtime()?;
     let (status, pid) = vm::status(&paths);
     if status == Status::Stopped {
         anyhow::bail!("VM {name} is not running");
@@ -236,6 +287,10 @@ pub fn stop(home: &PenHome, name: &str, force: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     match (force, pid) {
+        (true, Some(pid)) if !vm::is_supervisor(&paths, pid, home.root(), name) => anyhow::bail!(
+            "VM {name}'s lock names pid {pid}, which is not its pen supervisor (the pid was reused, or another program holds the lock); not killing it: find the holder with `fuser -v {}`",
+            paths.lock().display()
+        ),
         (true, Some(pid)) => {
             // Its QEMU and virtiofsd die with it (PR_SET_PDEATHSIG).
             let _ = nix::sys::signal::kill(
@@ -316,6 +371,10 @@ async fn connect(paths: &VmPaths) -> anyhow::Result<Option<Conn>> {
 }
 
 async fn connect_within(paths: &VmPaths, limit: Duration) -> anyhow::Result<Option<Conn>> {
+    // Whoever controls the runtime directory could answer in our supervisor's place.
+    if !paths.check_runtime()? {
+        return Ok(None);
+    }
     let stream = match UnixStream::connect(paths.supervisor_socket()).await {
         Ok(s) => s,
         Err(e)
@@ -558,5 +617,19 @@ fn wait_stopped(paths: &VmPaths, limit: Duration) -> bool {
             return false;
         }
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::forward_stdin;
+
+    #[test]
+    fn stdin_is_forwarded_unless_it_is_a_terminal_nobody_asked_for() {
+        // (terminal, -i, -t) -> forwarded
+        assert!(forward_stdin(false, false, false));
+        assert!(!forward_stdin(true, false, false));
+        assert!(forward_stdin(true, true, false));
+        assert!(forward_stdin(true, false, true));
     }
 }

@@ -19,6 +19,9 @@ pub(super) enum Kind {
     Shell,
     /// `pen exec`: signals are forwarded and pen waits for the process's exit status.
     Exec,
+    /// `pen exec` that must not read its stdin (a terminal nobody asked to forward): the
+    /// process gets end of input at once.
+    ExecNoInput,
 }
 
 /// Runs `request` and relays until the process exits; returns its shell-style status.
@@ -36,8 +39,17 @@ pub(super) async fn run(
         .send(Frame::new(CLIENT_SESSION, Message::Exec(request)))
         .await?;
 
-    let (mut stdin_rx, _reader) = spawn_stdin_reader();
-    let mut stdin_open = true;
+    let (mut stdin_rx, _reader) = if kind == Kind::ExecNoInput {
+        // Never touch the terminal: a background reader would be stopped by SIGTTIN.
+        conn.framed
+            .send(Frame::new(CLIENT_SESSION, Message::Stdin(Vec::new())))
+            .await?;
+        (mpsc::channel(1).1, None)
+    } else {
+        let (rx, reader) = spawn_stdin_reader();
+        (rx, Some(reader))
+    };
+    let mut stdin_open = kind != Kind::ExecNoInput;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sighup = signal(SignalKind::hangup())?;

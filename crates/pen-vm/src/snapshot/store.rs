@@ -234,7 +234,7 @@ pub enum Committed {
 
 impl Pending {
     pub fn create(root: &Path, identity: Identity, files: BootFiles) -> anyhow::Result<Pending> {
-        std::fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
+        pen_core::fsutil::create_private_dir_all(root)?;
         sweep_abandoned(root, ABANDONED_AFTER);
         let tmp = tempfile::Builder::new()
             .prefix(&format!("{TMP_PREFIX}{}-", short_key(&identity.key())))
@@ -252,7 +252,9 @@ impl Pending {
 
     pub fn write_state(&mut self, bytes: &[u8]) -> anyhow::Result<()> {
         let path = self.tmp.path().join(STATE);
-        std::fs::write(&path, bytes).with_context(|| format!("writing {}", path.display()))?;
+        pen_core::fsutil::create_private_file(&path)
+            .and_then(|mut f| f.write_all(bytes))
+            .with_context(|| format!("writing {}", path.display()))?;
         self.state = Some(StateCheck::of(bytes));
         Ok(())
     }
@@ -260,7 +262,8 @@ impl Pending {
     /// Copies the guest RAM out of `memfd`. The guest must be stopped.
     pub fn write_ram(&mut self, memfd: &File, ram_size: u64) -> anyhow::Result<()> {
         let path = self.tmp.path().join(RAM);
-        let out = File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+        let out = pen_core::fsutil::create_private_file(&path)
+            .with_context(|| format!("creating {}", path.display()))?;
         let check = ram::save(memfd, ram_size, &out)
             .with_context(|| format!("writing {}", path.display()))?;
         self.ram = Some(check);
@@ -286,7 +289,7 @@ impl Pending {
         let mut json = serde_json::to_vec_pretty(&manifest)?;
         json.push(b'\n');
         let dir = self.tmp.path();
-        let mut f = File::create(dir.join(MANIFEST))?;
+        let mut f = pen_core::fsutil::create_private_file(&dir.join(MANIFEST))?;
         f.write_all(&json)?;
         for name in [MANIFEST, STATE, RAM] {
             File::open(dir.join(name))

@@ -1,9 +1,10 @@
 //! Getting a VM's guest to the stage-1 point: restored from its image's snapshot when a
 //! good one exists, else booted cold (and then saving a snapshot, see
 //! `Sup::finish_stage1`). A restore that fails in any way ends in a one-line notice and a
-//! cold boot, never in a failed start; when the snapshot was at fault (damaged files, QEMU
-//! refusing the state, a guest that does not answer) it is removed and the cold boot saves
-//! a fresh one.
+//! cold boot, never in a failed start; when the failure proves the snapshot bad (damaged
+//! files, QEMU refusing the state, a guest that fails or speaks another protocol) it is
+//! removed and the cold boot saves a fresh one. A guest that is merely slow to answer (a
+//! busy host) proves nothing: the snapshot is kept.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -164,19 +165,21 @@ pub(super) async fn boot(
                     save: None,
                 });
             }
-            Err(RestoreError::Snapshot(reason)) => {
-                notice(reporter, &key, &reason);
-                if let Some(dir) = dir {
-                    dir.discard();
+            Err(e) => match failed_restore(e) {
+                AfterRestore::Discard(reason) => {
+                    notice(reporter, &key, &reason);
+                    if let Some(dir) = dir {
+                        dir.discard();
+                    }
                 }
-            }
-            Err(RestoreError::Host(e)) => {
-                // Not the snapshot's fault: keep it, and do not save another.
-                let text = format!("pen: could not restore the VM ({e:#}); booting cold");
-                eprintln!("supervisor: {text}");
-                reporter.send(&Report::Log(text));
-                save = None;
-            }
+                AfterRestore::Keep(reason) => {
+                    // Not proven to be the snapshot's fault: keep it, and save no other.
+                    let text = format!("pen: could not restore the VM ({reason}); booting cold");
+                    eprintln!("supervisor: {text}");
+                    reporter.send(&Report::Log(text));
+                    save = None;
+                }
+            },
         }
         // QEMU is gone; its sockets go too, the cold boot's QEMU makes new ones.
         for sock in [&spec.qmp_socket, &spec.agent_socket] {
@@ -185,6 +188,23 @@ pub(super) async fn boot(
         return boot_cold(spec, save).await;
     }
     boot_cold(spec, plan.save).await
+}
+
+/// What to do with a snapshot whose restore failed.
+#[derive(Debug, PartialEq, Eq)]
+enum AfterRestore {
+    /// The failure proves it bad: remove it (the cold boot saves a fresh one).
+    Discard(String),
+    /// It may well be good: keep it.
+    Keep(String),
+}
+
+fn failed_restore(e: RestoreError) -> AfterRestore {
+    match e {
+        RestoreError::Snapshot(reason) => AfterRestore::Discard(reason),
+        RestoreError::Slow(reason) => AfterRestore::Keep(reason),
+        RestoreError::Host(e) => AfterRestore::Keep(format!("{e:#}")),
+    }
 }
 
 async fn boot_cold(spec: QemuSpec, save: Option<(Identity, BootFiles)>) -> anyhow::Result<Booted> {
@@ -255,7 +275,7 @@ async fn restore(
         match tokio::time::timeout(greeting_timeout(accel), await_greeting(link)).await {
             Ok(Ok(link)) => Ok(link),
             Ok(Err(e)) => Err(RestoreError::Snapshot(format!("{e:#}"))),
-            Err(_) => Err(RestoreError::Snapshot(format!(
+            Err(_) => Err(RestoreError::Slow(format!(
                 "the restored guest did not answer within {}s",
                 greeting_timeout(accel).as_secs()
             ))),
@@ -292,5 +312,23 @@ async fn await_greeting(link: Link) -> anyhow::Result<Link> {
             }
             _ => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_failures_that_prove_damage_discard_the_snapshot() {
+        let damaged = RestoreError::Snapshot("state checksum mismatch".into());
+        assert_eq!(
+            failed_restore(damaged),
+            AfterRestore::Discard("state checksum mismatch".into())
+        );
+        let slow = RestoreError::Slow("the restored guest did not answer within 20s".into());
+        assert!(matches!(failed_restore(slow), AfterRestore::Keep(_)));
+        let host = RestoreError::Host(anyhow::anyhow!("cannot allocate memory"));
+        assert!(matches!(failed_restore(host), AfterRestore::Keep(_)));
     }
 }

@@ -64,13 +64,17 @@ fn create_ram(spec: &QemuSpec) -> anyhow::Result<File> {
 }
 
 fn spawn_qemu(spec: &mut QemuSpec, ram: &File, incoming: bool) -> anyhow::Result<Spawned> {
+    // Our copy of the console pipe's write end is dropped on return: QEMU's exit then
+    // ends the console thread.
+    let console = super::console::pipe(&spec.console_log)?;
     spec.ram_fd = ram.as_raw_fd();
+    spec.console_fd = console.as_raw_fd();
     spec.incoming = incoming;
     children::spawn(
         "qemu",
         &qemu::binary()?,
         &qemu::args(spec),
-        &[ram.as_raw_fd()],
+        &[ram.as_raw_fd(), console.as_raw_fd()],
     )
 }
 
@@ -96,6 +100,9 @@ pub(super) enum RestoreError {
     /// The snapshot cannot be used (damaged, refused by QEMU, its guest does not answer):
     /// boot cold and replace it. The reason is for a notice.
     Snapshot(String),
+    /// The restored guest did not answer in time. On a busy host that proves nothing about
+    /// the snapshot: boot cold, keep it (and save no other).
+    Slow(String),
     /// Something that is not the snapshot's fault (no memory, QEMU or virtiofsd not
     /// starting, a device that cannot be attached): boot cold, keep the snapshot.
     Host(anyhow::Error),

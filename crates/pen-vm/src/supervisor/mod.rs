@@ -15,6 +15,7 @@
 mod boot;
 mod children;
 mod config;
+mod console;
 mod machine;
 mod overlay;
 mod router;
@@ -159,7 +160,8 @@ pub fn main(home: &PenHome, name: &str) -> anyhow::Result<()> {
     };
 
     reporter.send(&Report::Started);
-    redirect_stdio(&paths.supervisor_log())?;
+    // Dropped before the lock: the log is complete when the next supervisor starts.
+    let _log = redirect_stdio(&paths.supervisor_log())?;
     eprintln!(
         "pen supervisor {} for VM {name}: pid {}, accel {}",
         pen_core::VERSION,
@@ -191,15 +193,56 @@ pub fn main(home: &PenHome, name: &str) -> anyhow::Result<()> {
     result
 }
 
-/// stdin from /dev/null, stdout and stderr to the supervisor log (truncated: one start per
-/// log, the previous start's is gone).
-fn redirect_stdio(log: &std::path::Path) -> anyhow::Result<()> {
-    let log = File::create(log).with_context(|| format!("creating {}", log.display()))?;
+/// stdin from /dev/null; stdout and stderr into a pipe that a thread copies to the
+/// supervisor log, capped and rotated ([`pen_core::logfile`]): QEMU's, virtiofsd's and the
+/// guest's complaints land there, and the guest chooses how many. The previous start's log
+/// is kept as `supervisor.log.1`. Dropping the returned guard flushes the log.
+fn redirect_stdio(log: &std::path::Path) -> anyhow::Result<LogPump> {
+    use pen_core::logfile::{CappedLog, SUPERVISOR_LOG_MAX};
+    let mut out = CappedLog::start(log, SUPERVISOR_LOG_MAX)
+        .with_context(|| format!("creating {}", log.display()))?;
+    let (read, write) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("creating the log pipe")?;
+    let (done_tx, done) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("log".into())
+        .spawn(move || {
+            let mut read = File::from(read);
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                match read.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        let _ = out.write_all(&buf[..n]);
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(_) => break,
+                }
+            }
+            let _ = done_tx.send(());
+        })
+        .context("starting the log thread")?;
     let null = File::open("/dev/null").context("opening /dev/null")?;
     nix::unistd::dup2(null.as_raw_fd(), 0).context("redirecting stdin")?;
-    nix::unistd::dup2(log.as_raw_fd(), 1).context("redirecting stdout")?;
-    nix::unistd::dup2(log.as_raw_fd(), 2).context("redirecting stderr")?;
-    Ok(())
+    nix::unistd::dup2(write.as_raw_fd(), 1).context("redirecting stdout")?;
+    nix::unistd::dup2(write.as_raw_fd(), 2).context("redirecting stderr")?;
+    Ok(LogPump { done })
+}
+
+/// Flushes the supervisor log on drop (also while unwinding from a panic): stdout and
+/// stderr are closed, and the copying thread gets a moment to write what is left.
+struct LogPump {
+    done: std::sync::mpsc::Receiver<()>,
+}
+
+impl Drop for LogPump {
+    fn drop(&mut self) {
+        if let Ok(null) = File::open("/dev/null") {
+            let _ = nix::unistd::dup2(null.as_raw_fd(), 1);
+            let _ = nix::unistd::dup2(null.as_raw_fd(), 2);
+        }
+        let _ = self.done.recv_timeout(std::time::Duration::from_secs(2));
+    }
 }
 
 #[cfg(test)]

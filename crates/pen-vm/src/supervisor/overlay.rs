@@ -2,8 +2,11 @@
 //!
 //! "New" versus "has had a disk" is told by a marker file written right after the disk was
 //! created: a VM whose marker exists but whose disk is missing or shorter than recorded
-//! has lost data, and booting it would silently give the user a blank VM.
+//! has lost data, and booting it would silently give the user a blank VM. A 0-byte disk
+//! without the marker is a crash between creating the file and sizing it: it never held
+//! data, so it is sized like a new one.
 
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 
 use anyhow::Context;
@@ -27,6 +30,7 @@ fn damaged(paths: &VmPaths, name: &str, what: String) -> anyhow::Error {
 /// nothing: for checks before starting (the supervisor checks again under the lock).
 pub fn check_overlay(paths: &VmPaths, name: &str, disk_size: u64) -> anyhow::Result<()> {
     match std::fs::metadata(paths.overlay()) {
+        Ok(meta) if never_sized(paths, meta.len()) => Ok(()),
         Ok(meta) if meta.len() < disk_size => Err(damaged(
             paths,
             name,
@@ -39,12 +43,24 @@ pub fn check_overlay(paths: &VmPaths, name: &str, disk_size: u64) -> anyhow::Res
     }
 }
 
+/// An empty disk and no marker: created, then a crash before `set_len`. Never held data.
+fn never_sized(paths: &VmPaths, len: u64) -> bool {
+    len == 0 && !overlay_marker(paths).exists()
+}
+
 /// Creates the overlay of a new VM, or checks the existing one. `name` is for messages.
 pub fn prepare_overlay(paths: &VmPaths, name: &str, disk_size: u64) -> anyhow::Result<()> {
     check_overlay(paths, name, disk_size)?;
     let disk = paths.overlay();
     let marker = overlay_marker(paths);
     match std::fs::metadata(&disk) {
+        Ok(meta) if never_sized(paths, meta.len()) => {
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&disk)
+                .with_context(|| format!("opening {}", disk.display()))?;
+            size_new_disk(paths, &file, disk_size)
+        }
         Ok(_) => {
             if !marker.exists() {
                 // A crash between creating the disk and the marker: the disk is whole.
@@ -56,17 +72,24 @@ pub fn prepare_overlay(paths: &VmPaths, name: &str, disk_size: u64) -> anyhow::R
             let file = std::fs::OpenOptions::new()
                 .write(true)
                 .create_new(true)
+                .mode(0o600)
                 .open(&disk)
                 .with_context(|| format!("creating {}", disk.display()))?;
-            // Sparse: the guest formats it on first boot; only what it writes takes space.
-            file.set_len(disk_size)
-                .and_then(|_| file.sync_all())
-                .with_context(|| format!("sizing {}", disk.display()))?;
-            sync_dir(&paths.dir);
-            write_atomic(&marker, b"")
+            size_new_disk(paths, &file, disk_size)
         }
         Err(e) => Err(e).with_context(|| format!("checking {}", disk.display())),
     }
+}
+
+/// Sizes a new (empty) disk, makes that durable, then writes the marker.
+fn size_new_disk(paths: &VmPaths, file: &std::fs::File, disk_size: u64) -> anyhow::Result<()> {
+    let disk = paths.overlay();
+    // Sparse: the guest formats it on first boot; only what it writes takes space.
+    file.set_len(disk_size)
+        .and_then(|_| file.sync_all())
+        .with_context(|| format!("sizing {}", disk.display()))?;
+    sync_dir(&paths.dir);
+    write_atomic(&overlay_marker(paths), b"")
 }
 
 #[cfg(test)]
@@ -121,6 +144,20 @@ mod tests {
             err.contains("truncated (4096 bytes, expected 1048576)"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn empty_disk_left_by_a_crash_before_sizing_is_a_new_disk() {
+        let (_d, p) = paths();
+        std::fs::File::create(p.overlay()).unwrap();
+        check_overlay(&p, "dev", 1 << 20).unwrap();
+        prepare_overlay(&p, "dev", 1 << 20).unwrap();
+        assert_eq!(std::fs::metadata(p.overlay()).unwrap().len(), 1 << 20);
+        assert!(overlay_marker(&p).exists());
+        // Once the marker exists, an empty disk is data lost, as before.
+        std::fs::File::create(p.overlay()).unwrap();
+        let err = check_overlay(&p, "dev", 1 << 20).unwrap_err().to_string();
+        assert!(err.contains("truncated (0 bytes"), "{err}");
     }
 
     #[test]

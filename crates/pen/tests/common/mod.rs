@@ -629,10 +629,10 @@ impl Pen {
         );
     }
 
-    /// QEMU processes of this VM, by their command line, which names the VM's console log
-    /// (not its overlay disk: that is hot-plugged over QMP).
+    /// QEMU processes of this VM, by their command line, which names the VM's overlay
+    /// disk (the console goes through a pipe to the supervisor).
     pub fn qemu_pids(&self, name: &str) -> Vec<u32> {
-        let console = self.vm_dir(name).join("console.log");
+        let console = self.vm_dir(name).join("overlay.img");
         let console = console.to_string_lossy();
         processes()
             .into_iter()
