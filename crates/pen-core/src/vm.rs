@@ -299,7 +299,12 @@ mod tests {
             home,
             "dev"
         ));
-        assert!(!looks_like_supervisor(b"sleep\0infinity\0", env, home, "dev"));
+        assert!(!looks_like_supervisor(
+            b"sleep\0infinity\0",
+            env,
+            home,
+            "dev"
+        ));
         assert!(!looks_like_supervisor(
             b"sh\0-c\0__supervise\0dev\0",
             env,

@@ -94,8 +94,16 @@ impl Client {
                         self.send(id, action).await;
                     }
                 }
-                Message::Stdout(d) => out.stdout.extend(d),
-                Message::Stderr(d) => out.stderr.extend(d),
+                Message::Stdout(d) | Message::Stderr(d) if d.is_empty() => {}
+                Message::Stdout(d) => {
+                    // Consumed at once: hand the window back.
+                    self.send(id, Message::Window(d.len() as u32)).await;
+                    out.stdout.extend(d);
+                }
+                Message::Stderr(d) => {
+                    self.send(id, Message::Window(d.len() as u32)).await;
+                    out.stderr.extend(d);
+                }
                 Message::Exit(s) => {
                     out.exit = Some(s);
                     break;

@@ -18,8 +18,6 @@ use crate::reaper::Reaper;
 use crate::session::{self, StartError};
 use crate::{console, env, net, power};
 
-/// How long a session's full stdin buffer may hold up the link before the session is ended.
-const STDIN_STALL_LIMIT: Duration = Duration::from_secs(5);
 /// How long a BootFailed message may take to reach the host before powering off anyway.
 const FAILURE_FLUSH: Duration = Duration::from_secs(2);
 
@@ -574,16 +572,25 @@ impl Server {
         }
         match message {
             Message::Exec(req) => self.exec(id, req, done).await,
+            // Neither waits: one session's stalled process never holds up the link.
             Message::Stdin(data) => {
-                let Some(handle) = self.sessions.get(&id) else {
-                    return;
+                let broken = match self.sessions.get(&id) {
+                    Some(handle) => handle.stdin(data).err(),
+                    None => return,
                 };
-                if handle.stdin(data, STDIN_STALL_LIMIT).await.is_err() {
-                    if let Some(h) = self.sessions.remove(&id) {
-                        h.abort();
-                    }
-                    let msg = "the process did not read its input: stdin buffer full";
-                    let _ = link.send(id, Message::Error(msg.into())).await;
+                if let Some(e) = broken {
+                    self.end_session(id, format!("stdin overran the session's window: {e}"))
+                        .await;
+                }
+            }
+            Message::Window(n) => {
+                let broken = match self.sessions.get(&id) {
+                    Some(handle) => handle.grant(n).err(),
+                    None => return,
+                };
+                if let Some(e) = broken {
+                    self.end_session(id, format!("bad output window grant: {e}"))
+                        .await;
                 }
             }
             Message::Resize(size) => {
@@ -598,6 +605,15 @@ impl Server {
             }
             _ => {}
         }
+    }
+
+    /// Ends a session the host broke the rules of: its processes are killed, and the host
+    /// gets an Error as the session's last frame.
+    async fn end_session(&mut self, id: SessionId, why: String) {
+        if let Some(h) = self.sessions.remove(&id) {
+            h.abort();
+        }
+        let _ = self.ctx.link.send(id, Message::Error(why)).await;
     }
 
     async fn exec(

@@ -1,8 +1,8 @@
 //! The host link: the `org.pen.agent` virtio-serial port, carrying [`pen_proto::Frame`]s.
 //!
 //! One reader task decodes frames and hands them to the agent; one writer task owns all
-//! writes, fed by a bounded channel that every session shares (that bound is the output
-//! backpressure). The port is non-blocking; readiness comes from short-lived [`AsyncFd`]
+//! writes, fed by a bounded channel that every session shares (each session's own bound is
+//! its window, see [`crate::credit`]). The port is non-blocking; readiness comes from short-lived [`AsyncFd`]
 //! registrations (see [`wait_ready`]).
 //!
 //! When the host side is not connected (before the supervisor attaches, or while a snapshot

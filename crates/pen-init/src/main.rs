@@ -9,6 +9,7 @@
 mod agent;
 mod boot;
 mod console;
+mod credit;
 mod env;
 mod fdio;
 mod link;

@@ -1,5 +1,6 @@
-//! One exec session: a process on plain pipes or on a pty, its output streamed to the host,
-//! its exit reported once the output is drained.
+//! One exec session: a process on plain pipes or on a pty, its output streamed to the host
+//! within the session's window (see [`crate::credit`]), its exit reported once the output
+//! is drained.
 
 use std::io;
 use std::os::fd::OwnedFd;
@@ -12,11 +13,12 @@ use std::time::Duration;
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use pen_proto::{ExecRequest, ExitStatus, Message, SessionId, WindowSize};
+use pen_proto::{ExecRequest, ExitStatus, Message, SessionId, WindowError, WindowSize};
 use tokio::io::unix::AsyncFd;
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 
+use crate::credit::{OutputCredit, StdinWindow};
 use crate::link::LinkTx;
 use crate::reaper::Reaper;
 
@@ -25,8 +27,8 @@ pub const CHUNK: usize = 64 * 1024;
 /// After the process exited, output still arriving is forwarded until the pipes/pty reach
 /// EOF or stay quiet this long (a background job may keep them open forever).
 const DRAIN_IDLE: Duration = Duration::from_millis(100);
-/// Stdin bytes buffered per session before the link reader waits for the process.
-pub const STDIN_BUDGET: usize = 8 * 1024 * 1024;
+/// Longest program name quoted in an exec failure message (it travels as session output).
+const MAX_QUOTED_PROGRAM: usize = 1024;
 
 /// What every session needs from the VM's configuration.
 pub struct Context {
@@ -37,17 +39,14 @@ pub struct Context {
     pub workspace_mounted: bool,
 }
 
-/// A chunk of stdin with the budget it holds until written.
-pub struct StdinChunk {
-    data: Vec<u8>,
-    _permit: Option<OwnedSemaphorePermit>,
-}
-
 /// The agent's handle on a running session.
 pub struct Handle {
     pub pid: i32,
-    stdin: mpsc::UnboundedSender<StdinChunk>,
-    stdin_budget: Arc<Semaphore>,
+    /// Stdin chunks for the writer task: never more than the stdin window holds, since
+    /// [`Handle::stdin`] checks every chunk against it.
+    stdin: mpsc::UnboundedSender<Vec<u8>>,
+    stdin_window: Arc<StdinWindow>,
+    output: Arc<OutputCredit>,
     master: Option<Arc<AsyncFd<OwnedFd>>>,
     /// Set when the session was ended with an error: the task stops sending frames.
     silenced: Arc<AtomicBool>,
@@ -97,6 +96,11 @@ fn exec_failure(program: &str, err: &io::Error) -> StartError {
     let reason = match err.raw_os_error() {
         Some(errno) => nix::errno::Errno::from_raw(errno).desc().to_string(),
         None => err.to_string(),
+    };
+    // The message is session output: keep it far below the window whatever the request.
+    let program = match program.char_indices().nth(MAX_QUOTED_PROGRAM) {
+        Some((cut, _)) => format!("{}...", &program[..cut]),
+        None => program.to_string(),
     };
     StartError::ExecFailed {
         message: format!("pen: {program}: {reason}\n"),
@@ -204,24 +208,53 @@ pub fn start(
     drop(child); // never waited on through std: the reaper owns waitpid
 
     let silenced = Arc::new(AtomicBool::new(false));
+    let output = Arc::new(OutputCredit::default());
+    let stdin_window = Arc::new(StdinWindow::default());
     let (stdin_tx, stdin_rx) = mpsc::unbounded_channel();
-    tokio::spawn(stdin_loop(stdin_fd, stdin_rx, is_tty));
-    tokio::spawn(output_loop(
+    let sender = Sender {
         id,
+        link: ctx.link.clone(),
+        silenced: silenced.clone(),
+    };
+    tokio::spawn(stdin_loop(
+        stdin_fd,
+        stdin_rx,
+        is_tty,
+        stdin_window.clone(),
+        sender.clone(),
+    ));
+    tokio::spawn(output_loop(
         pid,
-        ctx.link.clone(),
+        sender,
         outputs,
+        output.clone(),
         exit,
-        silenced.clone(),
         done,
     ));
     Ok(Handle {
         pid,
         stdin: stdin_tx,
-        stdin_budget: Arc::new(Semaphore::new(STDIN_BUDGET)),
+        stdin_window,
+        output,
         master,
         silenced,
     })
+}
+
+/// Sends a session's frames unless the session was silenced (ended with an error).
+#[derive(Clone)]
+struct Sender {
+    id: SessionId,
+    link: LinkTx,
+    silenced: Arc<AtomicBool>,
+}
+
+impl Sender {
+    async fn send(&self, message: Message) {
+        if !self.silenced.load(Ordering::SeqCst) {
+            let _ = self.link.send(self.id, message).await;
+        }
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -231,21 +264,18 @@ enum Stream {
 }
 
 impl Handle {
-    /// Queues stdin; waits (at most `max_wait`) while the session's stdin budget is used up.
-    /// Err: the process did not read its input in time.
-    pub async fn stdin(&self, data: Vec<u8>, max_wait: Duration) -> Result<(), ()> {
-        let n = data.len().min(STDIN_BUDGET) as u32;
-        let permit =
-            tokio::time::timeout(max_wait, self.stdin_budget.clone().acquire_many_owned(n))
-                .await
-                .map_err(|_| ())?
-                .ok();
-        // A closed channel means the process is gone: the bytes have nowhere to go.
-        let _ = self.stdin.send(StdinChunk {
-            data,
-            _permit: permit,
-        });
+    /// Queues stdin for the process; never waits. Err: the host sent more than the stdin
+    /// window allows (the caller ends the session).
+    pub fn stdin(&self, data: Vec<u8>) -> Result<(), WindowError> {
+        self.stdin_window.receive(data.len())?;
+        // A closed channel means the writer is gone with the session: nowhere to go.
+        let _ = self.stdin.send(data);
         Ok(())
+    }
+
+    /// The host consumed `n` bytes of output. Err: it granted more than it was sent.
+    pub fn grant(&self, n: u32) -> Result<(), WindowError> {
+        self.output.grant(n)
     }
 
     pub fn resize(&self, size: WindowSize) {
@@ -272,6 +302,7 @@ impl Handle {
     /// Ends the session after an error: kills its process group; no further frames are sent.
     pub fn abort(&self) {
         self.silenced.store(true, Ordering::SeqCst);
+        self.output.close();
         let _ = kill(Pid::from_raw(-self.pid), Signal::SIGKILL);
         let _ = kill(Pid::from_raw(self.pid), Signal::SIGKILL);
     }
@@ -284,44 +315,63 @@ async fn read_opt(fd: Option<&AsyncFd<OwnedFd>>, buf: &mut [u8]) -> io::Result<u
     }
 }
 
+/// Writes stdin chunks to the process and grants their bytes back to the host once written.
+/// A process that stops reading stops the grants, and so the client's reading of its stdin.
 async fn stdin_loop(
     fd: Arc<AsyncFd<OwnedFd>>,
-    mut chunks: mpsc::UnboundedReceiver<StdinChunk>,
+    mut chunks: mpsc::UnboundedReceiver<Vec<u8>>,
     is_tty: bool,
+    window: Arc<StdinWindow>,
+    sender: Sender,
 ) {
-    while let Some(chunk) = chunks.recv().await {
-        if chunk.data.is_empty() {
-            if is_tty {
-                // A pty has no separate input to close; the line discipline handles ^D.
-                continue;
+    let mut fd = Some(fd);
+    loop {
+        let chunk = match chunks.try_recv() {
+            Ok(chunk) => chunk,
+            Err(mpsc::error::TryRecvError::Empty) => {
+                // Running dry: grant what was written so far rather than wait for more.
+                if let Some(n) = window.flush() {
+                    sender.send(Message::Window(n)).await;
+                }
+                match chunks.recv().await {
+                    Some(chunk) => chunk,
+                    None => return,
+                }
             }
-            break; // dropping the write end gives the process EOF
+            Err(mpsc::error::TryRecvError::Disconnected) => return,
+        };
+        if chunk.is_empty() {
+            if !is_tty {
+                fd = None; // dropping the write end gives the process EOF
+            }
+            // A pty has no separate input to close; the line discipline handles ^D.
+            continue;
         }
-        if crate::fdio::write_all(&fd, &chunk.data).await.is_err() {
-            // EPIPE/EIO: the reader is gone. Drain and drop further input.
-            break;
+        if let Some(out) = &fd {
+            if crate::fdio::write_all(out, &chunk).await.is_err() {
+                // EPIPE/EIO: the reader is gone. Further input is dropped (and granted, so
+                // the client is not left waiting on a window that never reopens).
+                fd = None;
+            }
+        }
+        if let Some(n) = window.consumed(chunk.len()) {
+            sender.send(Message::Window(n)).await;
         }
     }
 }
 
+/// Streams the process's output within the session's window: with no credit left it reads
+/// nothing, so the process blocks on a full pipe (or pty) until the host grants more.
 async fn output_loop(
-    id: SessionId,
     pid: i32,
-    link: LinkTx,
+    sender: Sender,
     outputs: Vec<(Arc<AsyncFd<OwnedFd>>, Stream)>,
+    credit: Arc<OutputCredit>,
     exit: tokio::sync::oneshot::Receiver<ExitStatus>,
-    silenced: Arc<AtomicBool>,
     done: mpsc::UnboundedSender<(SessionId, i32)>,
 ) {
-    let send = |message: Message| {
-        let link = link.clone();
-        let silenced = silenced.clone();
-        async move {
-            if !silenced.load(Ordering::SeqCst) {
-                let _ = link.send(id, message).await;
-            }
-        }
-    };
+    let id = sender.id;
+    let send = |message: Message| sender.send(message);
     send(Message::Started { pid: pid as u32 }).await;
 
     let mut out = outputs.first().cloned();
@@ -336,10 +386,18 @@ async fn output_loop(
         if out.is_none() && err.is_none() && status.is_some() {
             break;
         }
+        // stdout and stderr share the window; no read at all while it is closed.
+        let Some(room) = credit.available() else {
+            // Aborted: the session sends nothing more.
+            let _ = done.send((id, pid));
+            return;
+        };
+        let room = room.min(CHUNK);
         tokio::select! {
-            r = read_opt(out.as_ref().map(|(fd, _)| &**fd), &mut buf_out) => {
+            r = read_opt(out.as_ref().map(|(fd, _)| &**fd), &mut buf_out[..room]), if room > 0 => {
                 match r {
                     Ok(n) if n > 0 => {
+                        credit.spend(n);
                         let msg = stream_message(out.as_ref().map(|o| o.1), &buf_out[..n]);
                         send(msg).await;
                         idle_deadline = Instant::now() + DRAIN_IDLE;
@@ -347,9 +405,10 @@ async fn output_loop(
                     _ => out = None,
                 }
             }
-            r = read_opt(err.as_ref().map(|(fd, _)| &**fd), &mut buf_err) => {
+            r = read_opt(err.as_ref().map(|(fd, _)| &**fd), &mut buf_err[..room]), if room > 0 => {
                 match r {
                     Ok(n) if n > 0 => {
+                        credit.spend(n);
                         let msg = stream_message(err.as_ref().map(|o| o.1), &buf_err[..n]);
                         send(msg).await;
                         idle_deadline = Instant::now() + DRAIN_IDLE;
@@ -357,12 +416,16 @@ async fn output_loop(
                     _ => err = None,
                 }
             }
+            _ = credit.wait(), if room == 0 => {
+                // The drain timer measures the process's silence, not the host's.
+                idle_deadline = Instant::now() + DRAIN_IDLE;
+            }
             s = &mut exit, if status.is_none() => {
                 // The sender only disappears if the reaper task died; report a kill.
                 status = Some(s.unwrap_or(ExitStatus::Signaled(libc::SIGKILL)));
                 idle_deadline = Instant::now() + DRAIN_IDLE;
             }
-            _ = tokio::time::sleep_until(idle_deadline), if status.is_some() => break,
+            _ = tokio::time::sleep_until(idle_deadline), if status.is_some() && room > 0 => break,
         }
     }
     if let Some(status) = status {

@@ -16,12 +16,15 @@
 
 mod codec;
 mod message;
+pub mod window;
 
 pub use codec::{DecodeError, FrameCodec, MAX_FRAME_LEN};
 pub use message::*;
+pub use window::{Credit, Inbound, WindowError, GRANT_THRESHOLD, WINDOW};
 
 /// Bumped whenever a change to [`Message`] is not backwards compatible.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// 2: per-session flow control ([`Message::Window`], see [`window`]).
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Identifies one multiplexed session on a link.
 pub type SessionId = u32;

@@ -3,6 +3,30 @@ use serde::{Deserialize, Serialize};
 /// Everything that travels in a [`crate::Frame`]. Directions are noted per variant:
 /// H→G host (supervisor) to guest agent, G→H guest to host, C→S client to supervisor,
 /// S→C supervisor to client. Session-scoped messages travel on every link.
+///
+/// # A session, with its windows
+///
+/// Each direction of a session has a window of [`WINDOW`](crate::WINDOW) bytes (see
+/// [`crate::window`]): a sender starts with that much credit, data bytes (`Stdin`,
+/// `Stdout` + `Stderr` together) spend it, and the receiver's [`Message::Window`] grants
+/// give back what it has consumed. The supervisor forwards grants as it forwards data.
+///
+/// ```text
+/// client            supervisor                 agent
+///   Exec ─────────────▶ Exec (guest id) ─────────▶ spawn
+///   ◀──────────────── Started ◀────────────────── Started
+///   ◀──────────────── Stdout ◀─────────────────── Stdout   (agent credit -= n)
+///   write to stdout
+///   Window(n) ────────▶ Window(n) ───────────────▶ (agent credit += n)
+///   Stdin ────────────▶ Stdin ───────────────────▶ write to the process's stdin
+///   ◀──────────────── Window(n) ◀──────────────── Window(n)  (client credit += n)
+///   ◀──────────────── Exit ◀───────────────────── Exit
+/// ```
+///
+/// A sender out of credit stops reading its source (the process's pipes or PTY in the
+/// guest, stdin in the client), so a stalled reader stalls the writer and nothing else.
+/// Overrunning a window, or granting more than was received, ends that session with
+/// [`Message::Error`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Message {
     /// First message each side sends on a link (G→H, H→G, C→S, S→C). A peer with a different
@@ -45,6 +69,10 @@ pub enum Message {
     Exit(ExitStatus),
     /// The session (or, on CONTROL, the request) failed; ends the session.
     Error(String),
+    /// A credit grant: the receiver of this session's data has consumed this many more
+    /// bytes, which the sender may now send. Travels opposite to the data it is for: toward
+    /// the guest for output (C→S, H→G), toward the client for stdin (G→H, S→C).
+    Window(u32),
 }
 
 /// Per-VM configuration sent after the snapshot point.

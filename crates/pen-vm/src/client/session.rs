@@ -1,11 +1,13 @@
-//! One session relayed between the host's stdio and a process in the guest.
+//! One session relayed between the host's stdio and a process in the guest, within the
+//! session's windows (see [`pen_proto::window`]): output is granted back as it is written
+//! to stdout, and stdin is read only as far as the guest's grants allow.
 
 use std::io::{Read, Write};
 
 use anyhow::Context;
 
 use futures::{SinkExt, StreamExt};
-use pen_proto::{ExecRequest, ExitStatus, Frame, Message, CLIENT_SESSION};
+use pen_proto::{Credit, ExecRequest, ExitStatus, Frame, Inbound, Message, CLIENT_SESSION};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 
@@ -50,6 +52,10 @@ pub(super) async fn run(
         (rx, Some(reader))
     };
     let mut stdin_open = kind != Kind::ExecNoInput;
+    // Stdin read but not sent yet for want of credit; nothing more is read meanwhile.
+    let mut unsent: Vec<u8> = Vec::new();
+    let mut input = Credit::new();
+    let mut output = Inbound::new();
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sighup = signal(SignalKind::hangup())?;
@@ -59,6 +65,16 @@ pub(super) async fn run(
     let mut stdout = std::io::stdout().lock();
     let mut stderr = std::io::stderr();
     loop {
+        // As much of the unsent stdin as the guest's window takes.
+        let n = unsent.len().min(input.available());
+        if n > 0 {
+            input.spend(n)?;
+            let rest = unsent.split_off(n);
+            let data = std::mem::replace(&mut unsent, rest);
+            conn.framed
+                .send(Frame::new(CLIENT_SESSION, Message::Stdin(data)))
+                .await?;
+        }
         let outgoing = tokio::select! {
             frame = conn.framed.next() => {
                 let frame = received(frame, name)?;
@@ -68,26 +84,41 @@ pub(super) async fn run(
                 }
                 match frame.message {
                     Message::Stdout(bytes) => {
+                        output.receive(bytes.len())?;
                         stdout.write_all(&bytes)?;
                         stdout.flush()?;
+                        output.consumed(bytes.len()).map(Message::Window)
                     }
                     Message::Stderr(bytes) => {
+                        output.receive(bytes.len())?;
                         stdout.flush()?;
                         stderr.write_all(&bytes)?;
+                        output.consumed(bytes.len()).map(Message::Window)
+                    }
+                    Message::Window(n) => {
+                        input.grant(n)?;
+                        None
                     }
                     Message::Exit(status) => {
                         stdout.flush()?;
                         return Ok(status.code());
                     }
                     Message::Error(e) => anyhow::bail!(e),
-                    _ => {}
+                    _ => None,
                 }
-                None
             }
-            data = stdin_rx.recv(), if stdin_open => {
-                let data = data.unwrap_or_default();
-                stdin_open = !data.is_empty();
-                Some(Message::Stdin(data))
+            data = stdin_rx.recv(), if stdin_open && unsent.is_empty() => {
+                match data {
+                    Some(data) if !data.is_empty() => {
+                        unsent = data;
+                        None
+                    }
+                    // End of input: no bytes, so no credit needed.
+                    _ => {
+                        stdin_open = false;
+                        Some(Message::Stdin(Vec::new()))
+                    }
+                }
             }
             _ = sigwinch.recv(), if tty => Some(Message::Resize(terminal::window_size())),
             _ = sigint.recv() => Some(Message::Signal(libc::SIGINT)),
@@ -115,35 +146,45 @@ pub(super) async fn run(
     }
 }
 
-/// Writes a session's output to `stdout`/`stderr` as it arrives, until its exit status.
-/// Each write blocks this (current-thread) runtime, so a slow consumer is backpressure.
+/// Writes a session's output to `stdout`/`stderr` as it arrives, until its exit status,
+/// granting the window back as it writes: a slow consumer stalls the guest's process.
 pub(super) async fn relay_output(
     conn: &mut Conn,
     name: &str,
     stdout: &mut dyn Write,
     stderr: &mut dyn Write,
 ) -> anyhow::Result<ExitStatus> {
+    let mut output = Inbound::new();
     loop {
         let frame = received(conn.framed.next().await, name)?;
         if frame.session != CLIENT_SESSION {
             continue;
         }
-        match frame.message {
+        let written = match frame.message {
             Message::Stdout(bytes) => {
+                output.receive(bytes.len())?;
                 stdout
                     .write_all(&bytes)
                     .context("writing the command's output")?;
                 stdout.flush().context("writing the command's output")?;
+                bytes.len()
             }
             Message::Stderr(bytes) => {
+                output.receive(bytes.len())?;
                 stderr
                     .write_all(&bytes)
                     .context("writing the command's errors")?;
                 stderr.flush().context("writing the command's errors")?;
+                bytes.len()
             }
             Message::Exit(status) => return Ok(status),
             Message::Error(e) => anyhow::bail!(e),
-            _ => {}
+            _ => 0,
+        };
+        if let Some(n) = output.consumed(written) {
+            conn.framed
+                .send(Frame::new(CLIENT_SESSION, Message::Window(n)))
+                .await?;
         }
     }
 }
@@ -170,9 +211,10 @@ async fn hang_up(conn: &mut Conn) {
 }
 
 /// Reads stdin on a thread of its own: blocking reads need no O_NONBLOCK on a descriptor
-/// the user's shell shares with us. An empty chunk means end of input.
+/// the user's shell shares with us. An empty chunk means end of input. The channel holds
+/// one chunk: while the session is out of stdin credit, the thread stops reading.
 fn spawn_stdin_reader() -> (mpsc::Receiver<Vec<u8>>, std::thread::JoinHandle<()>) {
-    let (tx, rx) = mpsc::channel(8);
+    let (tx, rx) = mpsc::channel(1);
     let handle = std::thread::spawn(move || {
         let mut stdin = std::io::stdin().lock();
         let mut buf = vec![0u8; 64 * 1024];

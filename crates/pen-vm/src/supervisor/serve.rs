@@ -20,7 +20,7 @@ use super::children::{self, Spawned};
 use super::config::guest_config;
 use super::machine::Stage1;
 use super::overlay::prepare_overlay;
-use super::router::{ClientId, Router};
+use super::router::{ClientId, FromGuest, Router};
 use super::sessions::{accept_loop, kind, read_guest, write_frames, Client};
 use super::{Params, Report, Reporter};
 use crate::accel::Accel;
@@ -420,8 +420,29 @@ impl Sup<'_> {
 
     fn on_guest(&mut self, frame: Frame) -> Option<End> {
         if frame.session != CONTROL {
-            if let Some((client, frame)) = self.router.route_from_guest(frame) {
-                self.send_client(client, frame);
+            // Never waits: a client's queue is bounded by its session's window, which the
+            // router enforces, so a stalled client stalls only its own guest process.
+            match self.router.route_from_guest(frame) {
+                FromGuest::Client(client, frame) => self.send_client(client, frame),
+                FromGuest::Guest(frame) => self.send_guest(frame),
+                FromGuest::Broken {
+                    client,
+                    session,
+                    error,
+                } => {
+                    eprintln!("supervisor: guest session {session} broke its window: {error}");
+                    self.send_guest(Frame::new(session, Message::Signal(libc::SIGKILL)));
+                    self.send_client(
+                        client,
+                        Frame::new(
+                            CLIENT_SESSION,
+                            Message::Error(format!(
+                                "the guest broke the session's window: {error}"
+                            )),
+                        ),
+                    );
+                }
+                FromGuest::Drop => {}
             }
             return None;
         }

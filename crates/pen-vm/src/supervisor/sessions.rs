@@ -96,12 +96,15 @@ impl Sup<'_> {
             }
             (
                 CLIENT_SESSION,
-                message @ (Message::Stdin(_) | Message::Resize(_) | Message::Signal(_)),
-            ) => {
-                if let Some(frame) = self.router.route_to_guest(id, message) {
-                    self.send_guest(frame);
-                }
-            }
+                message @ (Message::Stdin(_)
+                | Message::Resize(_)
+                | Message::Signal(_)
+                | Message::Window(_)),
+            ) => match self.router.route_to_guest(id, message) {
+                Ok(Some(frame)) => self.send_guest(frame),
+                Ok(None) => {}
+                Err(e) => self.refuse(id, format!("session window: {e}")),
+            },
             (session, message) => {
                 self.refuse(
                     id,
@@ -130,7 +133,12 @@ impl Sup<'_> {
         if self.clients.remove(&id).is_none() {
             return;
         }
-        if let Some(guest_id) = self.router.close_client(id) {
+        if let Some((guest_id, unconsumed)) = self.router.close_client(id) {
+            // What the client never read is dropped with it: the guest may send that much
+            // again (to be discarded) and so reach its exit.
+            if let Some(n) = unconsumed {
+                self.send_guest(Frame::new(guest_id, Message::Window(n)));
+            }
             self.send_guest(Frame::new(guest_id, Message::Signal(libc::SIGHUP)));
             let tx = self.agent_tx.clone();
             tokio::spawn(async move {
@@ -189,6 +197,7 @@ pub(super) fn kind(message: &Message) -> &'static str {
         Message::Signal(_) => "Signal",
         Message::Exit(_) => "Exit",
         Message::Error(_) => "Error",
+        Message::Window(_) => "Window",
     }
 }
 
