@@ -5,6 +5,7 @@ mod catalog;
 mod cli;
 mod commands;
 mod doctor;
+mod network;
 
 use std::process::ExitCode;
 

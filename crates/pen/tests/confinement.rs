@@ -51,8 +51,7 @@ fn qemu_runs_under_seccomp_cold_saved_and_restored() {
         pen.run(&["stop", "snap"]).ok();
         pen.wait_status("snap", "stopped", Duration::from_secs(60));
         if round == 1 {
-            let log =
-                std::fs::read_to_string(pen.vm_dir("snap").join("supervisor.log")).unwrap();
+            let log = std::fs::read_to_string(pen.vm_dir("snap").join("supervisor.log")).unwrap();
             assert!(
                 log.contains("supervisor: restored snapshot"),
                 "the second start did not restore:\n{log}"

@@ -16,6 +16,7 @@ mod boot;
 mod children;
 mod config;
 mod machine;
+mod network;
 mod overlay;
 mod router;
 mod serve;
@@ -35,6 +36,7 @@ use pen_core::vm::{VmConfig, VmLock};
 use pen_proto::BootMode;
 
 pub use config::fresh_guest_config;
+pub use network::REFUSAL_PREFIX;
 pub use overlay::{check_overlay, overlay_marker, prepare_overlay};
 
 /// What the spawner tells a new supervisor. Travels only over the stdin pipe: `env` holds
