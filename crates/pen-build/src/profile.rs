@@ -135,6 +135,7 @@ fn build_locked(
         profile.name
     )?;
 
+    let network = profile_network(profile)?;
     let vm = VmConfig {
         name: "builder".into(),
         dir: scratch.path().to_path_buf(),
@@ -144,6 +145,7 @@ fn build_locked(
         profile: None,
         setup_hash: None,
         created_at: now_secs(),
+        network,
     };
     let vm_paths = VmPaths::new(&builder_home, &vm.name);
     vm.save(&vm_paths)?;
@@ -249,9 +251,10 @@ fn build_locked(
         if status.code() != 0 {
             keep_log(&log_tmp, &dir);
             let tail = pen_core::fsutil::tail_lines(&dir.join("build.log"), 15);
-            let hint = build_ca::hint_for_log(&tail)
+            let mut hint = build_ca::hint_for_log(&tail)
                 .map(|h| format!("\nhint: {h}"))
                 .unwrap_or_default();
+            hint.push_str(&network_refusals_hint(&vm_paths, profile));
             bail!(
                 "profile {}: step `{step}` failed with exit status {}{}; last lines of {}:\n{tail}{hint}",
                 profile.name,
@@ -301,6 +304,46 @@ fn build_locked(
     keep_log(&log_tmp, &dir);
     write_atomic(&dir.join("build.hash"), format!("{key}\n").as_bytes())?;
     Ok(rootfs)
+}
+
+/// The builder VM's network: the profile's `[network]` (checked here, naming the profile
+/// file), else open.
+fn profile_network(profile: &LoadedProfile) -> anyhow::Result<pen_core::vm::NetworkSettings> {
+    let mut settings = profile.profile.network_settings();
+    if profile.profile.network.is_some() {
+        settings.allow = pen_vm::net::parse_domains(settings.allow.iter().map(String::as_str))
+            .map_err(|e| {
+                pen_core::UsageError::new(format!(
+                    "{}: [network] allow: {e}",
+                    profile.path.display()
+                ))
+            })?;
+    }
+    Ok(settings)
+}
+
+/// What the builder's network refused (its supervisor.log), as a hint for a failed step:
+/// a build that fetches from a name the profile does not allow fails there.
+fn network_refusals_hint(vm_paths: &VmPaths, profile: &LoadedProfile) -> String {
+    let log = std::fs::read_to_string(vm_paths.supervisor_log()).unwrap_or_default();
+    let refused: Vec<&str> = log
+        .lines()
+        .filter_map(|l| l.strip_prefix(pen_vm::supervisor::REFUSAL_PREFIX))
+        .collect();
+    if refused.is_empty() {
+        return String::new();
+    }
+    let mut hint = format!(
+        "\nhint: the build's network refused (profile {}'s [network] allow decides):",
+        profile.name
+    );
+    for line in refused.iter().take(10) {
+        hint.push_str(&format!("\n  refused {line}"));
+    }
+    if refused.len() > 10 {
+        hint.push_str(&format!("\n  ... and {} more", refused.len() - 10));
+    }
+    hint
 }
 
 fn argv(words: &[&str]) -> Vec<String> {

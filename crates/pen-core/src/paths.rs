@@ -305,6 +305,10 @@ impl VmPaths {
     pub fn migrate_socket(&self) -> PathBuf {
         self.runtime.join("migrate.sock")
     }
+    /// The supervisor's network backend listens here; QEMU's `-netdev stream` connects.
+    pub fn net_socket(&self) -> PathBuf {
+        self.runtime.join("net.sock")
+    }
 
     /// Removes the VM's runtime sockets (and the directory, when empty): a supervisor's
     /// leftovers, called only by whoever holds the VM's lock. Nothing, unless the runtime
@@ -319,6 +323,7 @@ impl VmPaths {
             self.qmp_socket(),
             self.virtiofs_socket(),
             self.migrate_socket(),
+            self.net_socket(),
         ] {
             let _ = std::fs::remove_file(sock);
         }
@@ -340,6 +345,7 @@ mod tests {
             vm.agent_socket(),
             vm.qmp_socket(),
             vm.supervisor_socket(),
+            vm.net_socket(),
         ] {
             assert!(
                 sock.as_os_str().len() <= MAX_SOCKET_PATH,

@@ -32,6 +32,33 @@ pub struct Profile {
     pub disk: Option<DiskSection>,
     #[serde(default)]
     pub vm: Option<VmSection>,
+    /// The network policy of the builder VM and the default of VMs made from the profile.
+    /// Without it both are `open`.
+    #[serde(default)]
+    pub network: Option<NetworkSection>,
+}
+
+/// `[network] allow = ["deb.debian.org", "*.example.org"]`: only these names resolve, and
+/// only the addresses they resolve to are reachable (pen's `--network allow=...`). The
+/// domains are checked by pen-net where the profile is used (pen-core holds only data).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkSection {
+    pub allow: Vec<String>,
+}
+
+impl Profile {
+    /// The network settings the profile asks for: `allow` with its list, else `open`.
+    pub fn network_settings(&self) -> crate::vm::NetworkSettings {
+        match &self.network {
+            Some(n) => crate::vm::NetworkSettings {
+                mode: crate::vm::NETWORK_ALLOW.to_string(),
+                allow: n.allow.clone(),
+                ..Default::default()
+            },
+            None => crate::vm::NetworkSettings::default(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
@@ -217,6 +244,19 @@ mod tests {
         let profile = p("packages = [\"jq\", \"git\"]\nbuild = \"echo hi\"\nsetup = \"\"\"\nmkdir -p /root/x\n\"\"\"\n[disk]\nsize = \"20G\"\n[vm]\ncpus = 2\nmemory = 1024\n").unwrap();
         assert_eq!(profile.packages, vec!["jq", "git"]);
         assert_eq!(profile.vm.unwrap().memory, Some(1024));
+    }
+
+    #[test]
+    fn network_section_is_an_allow_list_and_unknown_keys_are_errors() {
+        let profile = p("[network]\nallow = [\"deb.debian.org\", \"*.example.org\"]\n").unwrap();
+        let n = profile.network_settings();
+        assert_eq!((n.mode.as_str(), n.allow.len()), ("allow", 2));
+        assert_eq!(p("").unwrap().network_settings().mode, "open");
+        let err = p("[network]\nallow = []\nmode = \"none\"\n").unwrap_err().0;
+        assert!(
+            err.starts_with("/h/profiles/x.toml:3:1: unknown field `mode`"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -32,6 +32,64 @@ pub struct VmConfig {
     pub setup_hash: Option<String>,
     /// Seconds since the epoch.
     pub created_at: u64,
+    /// The guest network's policy and published ports. Absent in vm.json files written
+    /// before pen had a network policy: those VMs are `open`.
+    #[serde(default)]
+    pub network: NetworkSettings,
+}
+
+/// A VM's network settings as recorded: plain strings, checked by pen-net's parsers where
+/// they enter (the CLI, before anything is created) and where they are used (the
+/// supervisor). pen-core is the data layer and does not depend on pen-net.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct NetworkSettings {
+    /// `open`, `none` or `allow`.
+    pub mode: String,
+    /// Domain patterns for mode `allow` (`api.example.com`, `*.example.org`).
+    pub allow: Vec<String>,
+    /// Exact `ADDR:PORT` host destinations reachable in every mode (`--allow-host`).
+    pub allow_hosts: Vec<String>,
+    /// `--publish` specs, `[HOST_ADDR:]HOST_PORT:GUEST_PORT[/tcp|/udp]`.
+    pub publish: Vec<String>,
+}
+
+impl Default for NetworkSettings {
+    fn default() -> Self {
+        NetworkSettings {
+            mode: NETWORK_OPEN.to_string(),
+            allow: Vec::new(),
+            allow_hosts: Vec::new(),
+            publish: Vec::new(),
+        }
+    }
+}
+
+pub const NETWORK_OPEN: &str = "open";
+pub const NETWORK_NONE: &str = "none";
+pub const NETWORK_ALLOW: &str = "allow";
+
+impl NetworkSettings {
+    /// The mode as `--network` spells it: `open`, `none`, `allow=a.example,b.example`.
+    pub fn mode_text(&self) -> String {
+        if self.mode == NETWORK_ALLOW {
+            format!("allow={}", self.allow.join(","))
+        } else {
+            self.mode.clone()
+        }
+    }
+
+    /// One line for `pen list`: the mode, then `+N host(s)` and `+N port(s)` when set.
+    pub fn summary(&self) -> String {
+        let mut s = self.mode_text();
+        if !self.allow_hosts.is_empty() {
+            s.push_str(&format!(" +{}host", self.allow_hosts.len()));
+        }
+        if !self.publish.is_empty() {
+            s.push_str(&format!(" +{}port", self.publish.len()));
+        }
+        s
+    }
 }
 
 impl VmConfig {
@@ -262,6 +320,7 @@ mod tests {
             profile: None,
             setup_hash: None,
             created_at: 1,
+            network: NetworkSettings::default(),
         }
     }
 
@@ -373,6 +432,12 @@ pub struct CreationFlags {
     pub memory_mb: Option<u32>,
     pub disk_size: Option<u64>,
     pub profile: Option<String>,
+    /// `--network`: (mode, allowed domains), validated.
+    pub network_mode: Option<(String, Vec<String>)>,
+    /// `--allow-host` values when any was given (they replace the recorded list).
+    pub allow_hosts: Option<Vec<String>>,
+    /// `--publish` values when any was given (they replace the recorded list).
+    pub publish: Option<Vec<String>>,
 }
 
 pub const DEFAULT_MEMORY_MB: u32 = 2048;
@@ -403,6 +468,7 @@ pub fn resolve_config(
             profile: flags.profile.clone(),
             setup_hash: None,
             created_at: now_secs(),
+            network: network_from_flags(NetworkSettings::default(), flags),
         };
         return (vm, notices);
     };
@@ -431,6 +497,18 @@ pub fn resolve_config(
             vm.dir = dir.clone();
         }
     }
+    let network = network_from_flags(vm.network.clone(), flags);
+    if network != vm.network {
+        changes.push("--network/--allow-host/--publish");
+        if !running {
+            notices.push(format!(
+                "VM {name}'s network is now {} (was {})",
+                describe_network(&network),
+                describe_network(&vm.network)
+            ));
+            vm.network = network;
+        }
+    }
     if running && !changes.is_empty() {
         notices.push(format!(
             "{} ignored: VM {name} is running; stop it first (`pen stop {name}`) to change it",
@@ -438,6 +516,37 @@ pub fn resolve_config(
         ));
     }
     (vm, notices)
+}
+
+/// `base` with the network flags that were given applied.
+fn network_from_flags(mut base: NetworkSettings, flags: &CreationFlags) -> NetworkSettings {
+    if let Some((mode, allow)) = &flags.network_mode {
+        base.mode = mode.clone();
+        base.allow = allow.clone();
+    }
+    if let Some(hosts) = &flags.allow_hosts {
+        base.allow_hosts = hosts.clone();
+    }
+    if let Some(publish) = &flags.publish {
+        base.publish = publish.clone();
+    }
+    base
+}
+
+/// `allow=a.example (allow-host 127.0.0.1:8080; publish 8080:80)`, for notices.
+pub fn describe_network(n: &NetworkSettings) -> String {
+    let mut extra = Vec::new();
+    if !n.allow_hosts.is_empty() {
+        extra.push(format!("allow-host {}", n.allow_hosts.join(" ")));
+    }
+    if !n.publish.is_empty() {
+        extra.push(format!("publish {}", n.publish.join(" ")));
+    }
+    if extra.is_empty() {
+        n.mode_text()
+    } else {
+        format!("{} ({})", n.mode_text(), extra.join("; "))
+    }
 }
 
 pub fn host_cpus() -> u32 {
@@ -460,6 +569,7 @@ mod resolve_tests {
             profile: None,
             setup_hash: None,
             created_at: 1,
+            network: NetworkSettings::default(),
         }
     }
 
@@ -500,5 +610,43 @@ mod resolve_tests {
         let (vm, notices) = resolve_config("dev", Some(existing()), &flags, true, Path::new("/x"));
         assert_eq!(vm, existing());
         assert!(notices[0].contains("--cpus, --dir ignored"), "{notices:?}");
+    }
+
+    #[test]
+    fn old_vm_json_without_network_is_open() {
+        let json = r#"{"name":"dev","dir":"/x","cpus":1,"memory_mb":512,"disk_size":1,"profile":null,"created_at":1}"#;
+        let vm: VmConfig = serde_json::from_str(json).unwrap();
+        assert_eq!(vm.network, NetworkSettings::default());
+        assert_eq!(vm.network.summary(), "open");
+    }
+
+    #[test]
+    fn network_changes_at_the_next_start_with_a_notice() {
+        let flags = CreationFlags {
+            network_mode: Some(("allow".into(), vec!["deb.debian.org".into()])),
+            publish: Some(vec!["8080:80".into()]),
+            ..Default::default()
+        };
+        let (vm, notices) = resolve_config("dev", Some(existing()), &flags, false, Path::new("/x"));
+        assert_eq!(vm.network.mode_text(), "allow=deb.debian.org");
+        assert_eq!(vm.network.publish, ["8080:80"]);
+        assert_eq!(
+            notices,
+            ["VM dev's network is now allow=deb.debian.org (publish 8080:80) (was open)"]
+        );
+        // Flags that are not given keep what is recorded.
+        let flags = CreationFlags {
+            allow_hosts: Some(vec!["127.0.0.1:9".into()]),
+            ..Default::default()
+        };
+        let (vm2, _) = resolve_config("dev", Some(vm.clone()), &flags, false, Path::new("/x"));
+        assert_eq!(vm2.network.mode, "allow");
+        assert_eq!(vm2.network.allow_hosts, ["127.0.0.1:9"]);
+        let (vm3, notices) = resolve_config("dev", Some(vm.clone()), &flags, true, Path::new("/x"));
+        assert_eq!(vm3, vm);
+        assert!(
+            notices[0].contains("--network/--allow-host/--publish ignored"),
+            "{notices:?}"
+        );
     }
 }

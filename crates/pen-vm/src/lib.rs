@@ -5,10 +5,12 @@
 //!   [`qmp`] talks to a running QEMU.
 //! * [`snapshot`]: saved guest state that starts a VM without a kernel boot.
 //! * [`supervisor`]: the per-VM process that owns QEMU, virtiofsd, the lock and the agent link.
+//! * [`net`]: a VM's recorded network settings checked and turned into pen-net's policy.
 //! * [`client`]: `pen shell` / `pen exec` / `pen stop` as clients of a supervisor.
 
 pub mod accel;
 pub mod client;
+pub mod net;
 pub mod qemu;
 pub mod qmp;
 pub mod snapshot;

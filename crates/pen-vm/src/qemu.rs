@@ -46,7 +46,11 @@ pub const GUEST_DEBUG_ENV: &str = "PEN_GUEST_DEBUG";
 pub const MACHINE: &str = "q35";
 
 /// Bumped whenever the devices on the command line (what a snapshot contains) change.
-pub const DEVICE_LAYOUT_VERSION: u32 = 2;
+/// 3: the NIC's backend is pen's own network (`-netdev stream` into pen-net) instead of
+/// QEMU's user network. The virtio-net device is unchanged and a backend is not migrated,
+/// but a guest saved with slirp behind its NIC was saved with whatever link state that
+/// backend gave it; taking each snapshot once more is cheaper than relying on it.
+pub const DEVICE_LAYOUT_VERSION: u32 = 3;
 
 /// The PCIe root port the workspace device is hot-plugged into.
 const WORKSPACE_PORT: &str = "pen-rp-workspace";
@@ -79,6 +83,9 @@ pub struct QemuSpec {
     /// virtiofsd's vhost-user socket; `None` runs without a workspace (builder VMs).
     /// Hot-plugged.
     pub virtiofs_socket: Option<PathBuf>,
+    /// The supervisor's network backend (pen-net), listening before QEMU starts: QEMU
+    /// connects to it as a client at startup and carries the NIC's Ethernet frames over it.
+    pub net_socket: PathBuf,
 }
 
 /// The `-cpu` model for `accel`, as a snapshot identity names it: TCG's `max` is fixed by
@@ -243,10 +250,15 @@ pub fn args(spec: &QemuSpec) -> Vec<OsString> {
         .into(),
     );
 
+    // The NIC's frames go to pen's network backend, which applies the VM's policy; QEMU's
+    // user network (slirp) would map the gateway onto the host's loopback.
+    a.push("-netdev".into());
+    a.push(opt_path(
+        "stream,id=net0,server=off,addr.type=unix,addr.path=",
+        &spec.net_socket,
+    ));
     let mut push = |items: &[&str]| a.extend(items.iter().map(OsString::from));
     push(&[
-        "-netdev",
-        "user,id=net0",
         "-device",
         // No option ROM: the kernel is loaded directly, nothing boots from the network.
         "virtio-net-pci,netdev=net0,romfile=",
@@ -331,6 +343,7 @@ mod tests {
             qmp_socket: "/run/pen/dev/qmp.sock".into(),
             agent_socket: "/run/pen/dev/agent.sock".into(),
             virtiofs_socket: Some("/run/pen/dev/virtiofs.sock".into()),
+            net_socket: "/run/pen/dev/net.sock".into(),
         }
     }
 
@@ -359,7 +372,8 @@ mod tests {
              -device virtio-blk-pci,drive=root,serial=pen-root \
              -drive file=/h/vms/dev/overlay.img,if=none,id=pen-overlay,format=raw,discard=unmap \
              -device virtio-blk-pci,drive=pen-overlay,id=pen-overlay-dev,serial=pen-overlay,werror=report,rerror=report,addr=0x10 \
-             -netdev user,id=net0 -device virtio-net-pci,netdev=net0,romfile= -device virtio-rng-pci \
+             -netdev stream,id=net0,server=off,addr.type=unix,addr.path=/run/pen/dev/net.sock \
+             -device virtio-net-pci,netdev=net0,romfile= -device virtio-rng-pci \
              -device virtio-serial-pci,id=vser0 \
              -chardev socket,id=agent,path=/run/pen/dev/agent.sock,server=on,wait=off \
              -device virtserialport,bus=vser0.0,chardev=agent,name=org.pen.agent \

@@ -72,12 +72,16 @@ pub enum Command {
         #[arg(long)]
         force: bool,
     },
-    /// Show a VM's console log.
+    /// Show a VM's console log (or, with --network, what its network refused).
     Logs {
         name: String,
         /// Keep printing as the log grows.
         #[arg(short = 'f', long)]
         follow: bool,
+        /// Show the connections and names the VM's network policy refused (from
+        /// supervisor.log), once per destination.
+        #[arg(long, conflicts_with = "follow")]
+        network: bool,
     },
     /// Images: build and list.
     Image {
@@ -181,4 +185,17 @@ pub struct CreateArgs {
     /// Boot the kernel instead of restoring the image's snapshot (and save none).
     #[arg(long)]
     pub no_snapshot: bool,
+    /// Guest network: open (default: internet and LAN), none, or allow=DOMAIN[,DOMAIN...]
+    /// (only those names resolve and only their addresses are reachable; `*.example.org`
+    /// means every name below example.org). Recorded; changeable at the next start.
+    #[arg(long, value_name = "MODE")]
+    pub network: Option<String>,
+    /// Let the guest reach this exact host address and port in every mode (repeatable);
+    /// 127.0.0.1:PORT is reached at host.pen.internal:PORT. `none` clears the list.
+    #[arg(long = "allow-host", value_name = "ADDR:PORT")]
+    pub allow_host: Vec<String>,
+    /// Publish a guest port on the host: [HOST_ADDR:]HOST_PORT:GUEST_PORT[/tcp|/udp]
+    /// (repeatable; the host side is 127.0.0.1 unless given). `none` clears the list.
+    #[arg(long, value_name = "SPEC")]
+    pub publish: Vec<String>,
 }

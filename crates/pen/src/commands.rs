@@ -56,7 +56,15 @@ pub fn run(command: Command) -> anyhow::Result<i32> {
         }
         Command::List { json } => list(&home, json),
         Command::Delete { name, force } => delete(&home, &name, force),
-        Command::Logs { name, follow } => logs(&home, &name, follow),
+        Command::Logs {
+            name,
+            network: true,
+            ..
+        } => {
+            existing_vm(&home, &name)?;
+            crate::network::logs(&home, &name)
+        }
+        Command::Logs { name, follow, .. } => logs(&home, &name, follow),
         Command::Image {
             command: ImageCommand::Build { profile: None, .. },
         } => {
@@ -185,6 +193,9 @@ fn prepare(home: &PenHome, name: Option<&str>, args: &CreateArgs) -> anyhow::Res
                 flags.disk_size = flags.disk_size.or(loaded.disk_size);
                 flags.cpus = flags.cpus.or(p.vm.as_ref().and_then(|v| v.cpus));
                 flags.memory_mb = flags.memory_mb.or(p.vm.as_ref().and_then(|v| v.memory));
+                if flags.network_mode.is_none() {
+                    flags.network_mode = crate::network::profile_mode(loaded)?;
+                }
             }
             Some(vm) if vm.profile.as_deref() != Some(loaded.name.as_str()) => eprintln!(
                 "pen: --profile {} ignored: VM {name} was created {}; delete it to change its profile",
@@ -307,12 +318,16 @@ fn parse_flags(args: &CreateArgs, dir: Option<PathBuf>) -> anyhow::Result<Creati
             args.disk_size.as_deref().unwrap_or("")
         );
     }
+    let (network_mode, allow_hosts, publish) = crate::network::parse_flags(args)?;
     Ok(CreationFlags {
         dir,
         cpus,
         memory_mb,
         disk_size,
         profile: None,
+        network_mode,
+        allow_hosts,
+        publish,
     })
 }
 
@@ -419,6 +434,7 @@ fn list(home: &PenHome, json: bool) -> anyhow::Result<i32> {
                     "name": vm.name, "profile": vm.profile, "status": status, "pid": pid,
                     "cpus": vm.cpus, "memory_mb": vm.memory_mb, "disk_size": vm.disk_size,
                     "dir": vm.dir, "created_at": vm.created_at,
+                    "network": crate::network::json(&vm.network),
                 })
             })
             .collect();
@@ -426,17 +442,18 @@ fn list(home: &PenHome, json: bool) -> anyhow::Result<i32> {
         return Ok(0);
     }
     println!(
-        "{:<20} {:<12} {:<8} {:>4} {:>7}  DIR",
-        "NAME", "PROFILE", "STATUS", "CPUS", "MEMORY"
+        "{:<20} {:<12} {:<8} {:>4} {:>7} {:<16}  DIR",
+        "NAME", "PROFILE", "STATUS", "CPUS", "MEMORY", "NETWORK"
     );
     for (vm, status, _) in rows {
         println!(
-            "{:<20} {:<12} {:<8} {:>4} {:>7}  {}",
+            "{:<20} {:<12} {:<8} {:>4} {:>7} {:<16}  {}",
             vm.name,
             vm.profile.as_deref().unwrap_or("-"),
             status,
             vm.cpus,
             format!("{}M", vm.memory_mb),
+            vm.network.summary(),
             vm.dir.display()
         );
     }

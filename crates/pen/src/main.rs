@@ -5,6 +5,7 @@ mod catalog;
 mod cli;
 mod commands;
 mod doctor;
+mod network;
 
 /// `--env K=V` values out of `/proc/PID/cmdline`, which any user of the host can read: a
 /// `pen shell` lives as long as the session. Before anything else, pen re-executes itself

@@ -69,6 +69,38 @@ fn bad_flags_are_refused_before_anything_is_made() {
             &["UNSET_VAR_XYZ", "not set"],
         ),
         (&["--dir", &ws, "--accel", "warp"], &["--accel"]),
+        (
+            &["--dir", &ws, "--network", "closed"],
+            &["--network", "'closed'"],
+        ),
+        (
+            &["--dir", &ws, "--network", "allow=a..example"],
+            &["--network", "'a..example'", "empty label"],
+        ),
+        (
+            &["--dir", &ws, "--network", "allow="],
+            &["--network", "allow="],
+        ),
+        (
+            &["--dir", &ws, "--allow-host", "127.0.0.1"],
+            &["--allow-host", "'127.0.0.1'", "no port"],
+        ),
+        (
+            &["--dir", &ws, "--allow-host", "127.0.0.1:70000"],
+            &["--allow-host", "'70000'"],
+        ),
+        (
+            &["--dir", &ws, "--publish", "70000:80"],
+            &["--publish", "'70000:80'", "1-65535"],
+        ),
+        (
+            &["--dir", &ws, "--publish", "8080:80/sctp"],
+            &["--publish", "'8080:80/sctp'"],
+        ),
+        (
+            &["--dir", &ws, "--publish", "8080:80", "--publish", "8080:81"],
+            &["--publish", "8080", "published twice"],
+        ),
     ];
     for (flags, words) in cases {
         for verb in ["shell", "exec", "start"] {

@@ -532,6 +532,31 @@ fn a_failing_build_script_names_the_step_its_status_and_the_log_tail() {
 }
 
 #[test]
+fn a_profiles_network_allow_list_applies_to_its_builder_and_names_the_refused_host() {
+    let pen = Pen::new("prof-netallow");
+    let name = unique("netallow");
+    let _own = OwnImage(image_dir(&pen, &name));
+    // The builder's apt-get update needs the host's mirror (deb.debian.org here, as in the
+    // host's apt sources); the build script fetches a name that is not allowed.
+    write_profile(
+        &pen,
+        &name,
+        "build = \"exec 3<>/dev/tcp/example.com/80\"\n[network]\nallow = [\"deb.debian.org\"]\n",
+    );
+    let out = pen.run(&["image", "build", &name]);
+    assert_ne!(out.code, Some(0), "{out}");
+    assert!(out.stderr.contains("build script"), "{out}");
+    assert!(
+        out.stderr.contains("hint: the build's network refused")
+            && out
+                .stderr
+                .contains("refused dns example.com: domain not in the allowed list"),
+        "the refused host is not named:\n{out}"
+    );
+    assert!(scratch_dirs(&image_dir(&pen, &name)).is_empty());
+}
+
+#[test]
 fn damaged_images_are_detected_and_a_second_build_waits_for_the_first() {
     let pen = Pen::new("prof-damaged");
     shared_image(&pen);

@@ -17,6 +17,7 @@ mod children;
 mod config;
 mod console;
 mod machine;
+mod network;
 mod overlay;
 mod router;
 mod serve;
@@ -36,6 +37,7 @@ use pen_core::vm::{VmConfig, VmLock};
 use pen_proto::BootMode;
 
 pub use config::fresh_guest_config;
+pub use network::REFUSAL_PREFIX;
 pub use overlay::{check_overlay, overlay_marker, prepare_overlay};
 
 /// What the spawner tells a new supervisor. Travels only over the stdin pipe: `env` holds

@@ -127,6 +127,9 @@ pub(super) async fn run(
     paths.remove_sockets();
     paths.ensure_runtime()?;
 
+    // Before QEMU, which connects to it at startup; a published port in use ends here.
+    let _network = super::network::start(&paths, &vm.network).await?;
+
     let (events_tx, mut events) = unbounded_channel();
     // Bound before boot so that a second `pen` racing to start this VM can attach and wait
     // for Ready here instead of polling.
@@ -160,6 +163,7 @@ pub(super) async fn run(
         qmp_socket: paths.qmp_socket(),
         agent_socket: paths.agent_socket(),
         virtiofs_socket: virtiofsd.as_ref().map(|_| paths.virtiofs_socket()),
+        net_socket: paths.net_socket(),
     };
     super::console::start_log(&spec.console_log)?;
     let boot_started = Instant::now();
