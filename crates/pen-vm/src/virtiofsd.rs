@@ -38,7 +38,7 @@ pub struct Virtiofsd {
     pub flavour: Flavour,
 }
 
-pub const INSTALL_HINT: &str = "run `bash scripts/install-host-deps.sh` from pen's source tree (it installs `virtiofsd` with apt where packaged, else builds it with `cargo install --locked --root ~/.local virtiofsd`), or set PEN_VIRTIOFSD";
+pub const INSTALL_HINT: &str = "install the Rust virtiofsd: `sudo apt-get install virtiofsd` where packaged (Debian 13, Ubuntu 24.04), else `cargo install --locked --root ~/.local virtiofsd` (needs libseccomp-dev and libcap-ng-dev); pen's scripts/install-host-deps.sh does either; or set PEN_VIRTIOFSD";
 
 /// Why a user who is not root cannot use QEMU's C virtiofsd, and the fix.
 pub fn c_needs_root(path: &Path) -> String {
