@@ -322,6 +322,8 @@ impl VmPaths {
             self.agent_socket(),
             self.qmp_socket(),
             self.virtiofs_socket(),
+            // virtiofsd's lock file beside its socket (removed once its holder is gone).
+            self.runtime.join("virtiofs.sock.pid"),
             self.migrate_socket(),
             self.net_socket(),
         ] {

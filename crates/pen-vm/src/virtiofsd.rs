@@ -182,6 +182,26 @@ fn fuse_opt_value(value: &str) -> String {
     value.replace('\\', "\\\\").replace(',', "\\,")
 }
 
+/// The file virtiofsd keeps locked beside its socket while it serves (`<socket>.pid`).
+pub fn pid_file(socket: &Path) -> PathBuf {
+    let mut name = socket.as_os_str().to_owned();
+    name.push(".pid");
+    PathBuf::from(name)
+}
+
+/// Whether a virtiofsd still holds `socket`'s pid file. The Rust virtiofsd serves from a
+/// child in namespaces of its own, which outlives the parent pen reaps by some milliseconds
+/// (it dies of its parent's death signal): a new virtiofsd started on the same socket in
+/// that window fails with "Error creating pid file ... Resource temporarily unavailable".
+pub fn pid_file_held(socket: &Path) -> bool {
+    use nix::fcntl::{Flock, FlockArg};
+    let Ok(file) = std::fs::File::open(pid_file(socket)) else {
+        return false;
+    };
+    // Taken and released at once: only asks whether anyone else holds it.
+    Flock::lock(file, FlockArg::LockExclusiveNonblock).is_err()
+}
+
 /// Who runs virtiofsd, for its id mapping.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Runner {
@@ -314,6 +334,25 @@ mod tests {
 
     fn strs(a: Vec<OsString>) -> Vec<String> {
         a.into_iter().map(|s| s.into_string().unwrap()).collect()
+    }
+
+    #[test]
+    fn a_held_pid_file_is_seen_and_a_released_one_is_not() {
+        use nix::fcntl::{Flock, FlockArg};
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("virtiofs.sock");
+        assert_eq!(pid_file(&socket), dir.path().join("virtiofs.sock.pid"));
+        assert!(!pid_file_held(&socket), "no file: not held");
+        std::fs::write(pid_file(&socket), "123\n").unwrap();
+        assert!(!pid_file_held(&socket), "a stale file nobody locks");
+        let holder = Flock::lock(
+            std::fs::File::open(pid_file(&socket)).unwrap(),
+            FlockArg::LockExclusive,
+        )
+        .unwrap();
+        assert!(pid_file_held(&socket));
+        drop(holder);
+        assert!(!pid_file_held(&socket));
     }
 
     #[test]

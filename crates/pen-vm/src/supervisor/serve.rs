@@ -124,6 +124,14 @@ pub(super) async fn run(
     // Each level ours and private (0700), or no start: see `PenHome::runtime_levels`.
     paths.ensure_runtime()?;
     // We hold the lock, so any socket here belongs to a supervisor that died.
+    // We hold the VM's lock: a virtiofsd still holding this VM's socket is the previous
+    // run's, finishing its exit (see `wait_virtiofsd_gone`).
+    if !wait_virtiofsd_gone(&paths, Duration::from_secs(5)).await {
+        anyhow::bail!(
+            "an earlier virtiofsd of VM {name} still holds {}; stop it and retry",
+            virtiofsd::pid_file(&paths.virtiofs_socket()).display()
+        );
+    }
     paths.remove_sockets();
     paths.ensure_runtime()?;
 
@@ -279,11 +287,27 @@ pub(super) async fn run(
     sup.disconnect_all().await;
     if let Some(virtiofsd) = &mut sup.virtiofsd {
         children::terminate(&mut virtiofsd.child, Duration::from_secs(1)).await;
+        // Its serving process may outlive it briefly; the next start of this VM must not
+        // find the socket's pid file still held (`virtiofsd::pid_file_held`).
+        wait_virtiofsd_gone(&paths, Duration::from_secs(3)).await;
     }
     if let Some(saver) = sup.saver.take() {
         finish_save(saver);
     }
     result
+}
+
+/// Waits up to `limit` until no virtiofsd holds the VM's socket pid file; true when none does.
+async fn wait_virtiofsd_gone(paths: &VmPaths, limit: Duration) -> bool {
+    let socket = paths.virtiofs_socket();
+    let deadline = Instant::now() + limit;
+    while virtiofsd::pid_file_held(&socket) {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    true
 }
 
 /// Starts virtiofsd sharing the VM's directory.
