@@ -70,6 +70,25 @@ impl CappedLog {
     }
 }
 
+impl CappedLog {
+    /// Copies everything `source` yields into this log until its end (every write end of a
+    /// pipe closed) or a read error. Write errors are ignored: a full disk must not stall
+    /// the writer on the other side (QEMU, the guest's console), so the pipe keeps draining.
+    pub fn drain_from(mut self, mut source: impl std::io::Read) {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match source.read(&mut buf) {
+                Ok(0) => return,
+                Ok(n) => {
+                    let _ = self.write_all(&buf[..n]);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => return,
+            }
+        }
+    }
+}
+
 impl Inner {
     fn rotate(&mut self) -> std::io::Result<()> {
         std::fs::rename(&self.path, rotated(&self.path))?;

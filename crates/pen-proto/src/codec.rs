@@ -156,4 +156,116 @@ mod tests {
         buf.extend_from_slice(&full[full.len() - 1..]);
         assert!(codec.decode(&mut buf).unwrap().is_some());
     }
+
+    /// Fuzzing the decoder from the hostile side: whatever bytes arrive, in whatever pieces,
+    /// decoding never panics, never yields a frame from nothing, and a stream error (an
+    /// impossible length) is final. Frames that were sent whole come out whole and in order,
+    /// even with garbage payloads between them.
+    mod fuzz {
+        use super::*;
+        use crate::testing;
+        use proptest::collection::vec;
+        use proptest::prelude::*;
+
+        /// Feeds `bytes` to a fresh decoder in pieces cut at `cuts`, returning every item
+        /// and whether the stream ended in an error.
+        fn decode_in_pieces(
+            bytes: &[u8],
+            cuts: &[usize],
+        ) -> (Vec<Result<Frame, DecodeError>>, bool) {
+            let mut codec = FrameCodec::new();
+            let mut buf = BytesMut::new();
+            let mut items = Vec::new();
+            let mut points: Vec<usize> = cuts.iter().map(|c| c % (bytes.len() + 1)).collect();
+            points.push(bytes.len());
+            points.sort_unstable();
+            let mut start = 0;
+            for end in points {
+                buf.extend_from_slice(&bytes[start..end]);
+                start = end;
+                loop {
+                    match codec.decode(&mut buf) {
+                        Ok(Some(item)) => items.push(item),
+                        Ok(None) => break,
+                        Err(_) => return (items, true),
+                    }
+                }
+            }
+            (items, false)
+        }
+
+        fn encode_all(frames: &[Frame]) -> Vec<u8> {
+            let mut codec = FrameCodec::new();
+            let mut buf = BytesMut::new();
+            for frame in frames {
+                codec.encode(frame.clone(), &mut buf).unwrap();
+            }
+            buf.to_vec()
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+
+            #[test]
+            fn random_bytes_never_panic_and_every_item_has_a_whole_frame_behind_it(
+                bytes in vec(any::<u8>(), 0..4096),
+                cuts in vec(any::<usize>(), 0..8),
+            ) {
+                let (items, _) = decode_in_pieces(&bytes, &cuts);
+                // Each item consumed at least a 4-byte length prefix.
+                prop_assert!(items.len() * 4 <= bytes.len());
+            }
+
+            #[test]
+            fn frames_survive_any_split_of_the_stream(
+                frames in vec(testing::frame(), 0..12),
+                cuts in vec(any::<usize>(), 0..16),
+            ) {
+                let bytes = encode_all(&frames);
+                let (items, failed) = decode_in_pieces(&bytes, &cuts);
+                prop_assert!(!failed);
+                let decoded: Vec<Frame> = items.into_iter().map(|i| i.unwrap()).collect();
+                prop_assert_eq!(decoded, frames);
+            }
+
+            #[test]
+            fn a_corrupt_payload_costs_only_its_own_frame(
+                before in testing::frame(),
+                garbage_session in any::<u32>(),
+                garbage in vec(any::<u8>(), 0..256),
+                after in testing::frame(),
+            ) {
+                let mut bytes = encode_all(std::slice::from_ref(&before));
+                bytes.extend_from_slice(&(4 + garbage.len() as u32).to_be_bytes());
+                bytes.extend_from_slice(&garbage_session.to_be_bytes());
+                bytes.extend_from_slice(&garbage);
+                bytes.extend_from_slice(&encode_all(std::slice::from_ref(&after)));
+                let (items, failed) = decode_in_pieces(&bytes, &[]);
+                prop_assert!(!failed);
+                prop_assert_eq!(items.len(), 3);
+                prop_assert_eq!(items[0].as_ref().unwrap(), &before);
+                match &items[1] {
+                    // Garbage may happen to be a valid message; then it names its session.
+                    Ok(frame) => prop_assert_eq!(frame.session, garbage_session),
+                    Err(DecodeError::Malformed { session, .. }) => {
+                        prop_assert_eq!(*session, garbage_session)
+                    }
+                    Err(e) => prop_assert!(false, "unexpected {e:?}"),
+                }
+                prop_assert_eq!(items[2].as_ref().unwrap(), &after);
+            }
+
+            #[test]
+            fn lengths_beyond_the_limit_end_the_stream_without_allocating_them(
+                len in (MAX_FRAME_LEN as u32 + 1)..=u32::MAX,
+                tail in vec(any::<u8>(), 0..64),
+            ) {
+                let mut bytes = len.to_be_bytes().to_vec();
+                bytes.extend_from_slice(&tail);
+                let (items, failed) = decode_in_pieces(&bytes, &[]);
+                prop_assert!(items.is_empty());
+                prop_assert!(failed);
+            }
+        }
+    }
 }

@@ -16,6 +16,8 @@
 
 mod codec;
 mod message;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 pub mod window;
 
 pub use codec::{DecodeError, FrameCodec, MAX_FRAME_LEN};

@@ -75,6 +75,41 @@ pub enum Message {
     Window(u32),
 }
 
+impl Message {
+    /// The variant's name, for logs and errors: never its payload (stdin bytes, env values).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Message::Hello { .. } => "Hello",
+            Message::AwaitingConfig => "AwaitingConfig",
+            Message::Config(_) => "Config",
+            Message::Ready => "Ready",
+            Message::BootFailed { .. } => "BootFailed",
+            Message::Log { .. } => "Log",
+            Message::Shutdown { .. } => "Shutdown",
+            Message::KeepRunning => "KeepRunning",
+            Message::Exec(_) => "Exec",
+            Message::Started { .. } => "Started",
+            Message::Stdin(_) => "Stdin",
+            Message::Stdout(_) => "Stdout",
+            Message::Stderr(_) => "Stderr",
+            Message::Resize(_) => "Resize",
+            Message::Signal(_) => "Signal",
+            Message::Exit(_) => "Exit",
+            Message::Error(_) => "Error",
+            Message::Window(_) => "Window",
+        }
+    }
+
+    /// Bytes of session data the message carries: what windows count. `None` for messages
+    /// that carry none.
+    pub fn data_len(&self) -> Option<usize> {
+        match self {
+            Message::Stdin(d) | Message::Stdout(d) | Message::Stderr(d) => Some(d.len()),
+            _ => None,
+        }
+    }
+}
+
 /// Per-VM configuration sent after the snapshot point.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct GuestConfig {

@@ -234,4 +234,56 @@ mod tests {
         }
         assert!(delivered > 100 * WINDOW as usize);
     }
+
+    /// A hostile peer drives the receiving end with any sequence of sends, consumptions and
+    /// flushes: nothing panics, the peer never gets more than [`WINDOW`] in flight, and no
+    /// grant ever returns more than was received.
+    mod fuzz {
+        use super::*;
+        use proptest::prelude::*;
+
+        #[derive(Debug, Clone)]
+        enum Op {
+            Receive(usize),
+            Consume(usize),
+            Flush,
+        }
+
+        fn op() -> impl Strategy<Value = Op> {
+            let size = prop_oneof![
+                0usize..=70_000,
+                Just(GRANT_THRESHOLD as usize),
+                any::<usize>()
+            ];
+            prop_oneof![
+                size.clone().prop_map(Op::Receive),
+                size.prop_map(Op::Consume),
+                Just(Op::Flush),
+            ]
+        }
+
+        proptest! {
+            #[test]
+            fn inbound_holds_its_window_whatever_the_peer_does(
+                ops in proptest::collection::vec(op(), 0..200),
+            ) {
+                let mut rx = Inbound::new();
+                let mut received = 0u64;
+                let mut granted = 0u64;
+                for op in ops {
+                    match op {
+                        Op::Receive(n) => {
+                            if rx.receive(n).is_ok() {
+                                received += n as u64;
+                            }
+                        }
+                        Op::Consume(n) => granted += rx.consumed(n).unwrap_or(0) as u64,
+                        Op::Flush => granted += rx.flush().unwrap_or(0) as u64,
+                    }
+                    prop_assert!(granted <= received);
+                    prop_assert!(received - granted <= WINDOW as u64);
+                }
+            }
+        }
+    }
 }

@@ -3,7 +3,6 @@
 //! ([`pen_core::logfile`]): what the guest prints cannot fill the host's disk.
 
 use std::fs::File;
-use std::io::{Read, Write};
 use std::os::fd::OwnedFd;
 use std::path::Path;
 
@@ -28,25 +27,11 @@ pub(super) fn pipe(log: &Path) -> anyhow::Result<OwnedFd> {
         std::os::fd::AsRawFd::as_raw_fd(&write),
         nix::fcntl::FcntlArg::F_SETPIPE_SZ(1 << 20),
     );
-    let mut out = CappedLog::append(log, CONSOLE_LOG_MAX)
+    let out = CappedLog::append(log, CONSOLE_LOG_MAX)
         .with_context(|| format!("opening {}", log.display()))?;
     std::thread::Builder::new()
         .name("console".into())
-        .spawn(move || {
-            let mut read = File::from(read);
-            let mut buf = vec![0u8; 64 * 1024];
-            loop {
-                match read.read(&mut buf) {
-                    Ok(0) => return,
-                    // A full disk must not stall the guest: keep draining.
-                    Ok(n) => {
-                        let _ = out.write_all(&buf[..n]);
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                    Err(_) => return,
-                }
-            }
-        })
+        .spawn(move || out.drain_from(File::from(read)))
         .context("starting the console thread")?;
     Ok(write)
 }

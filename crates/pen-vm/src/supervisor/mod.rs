@@ -18,6 +18,7 @@ mod config;
 mod console;
 mod machine;
 mod network;
+mod outbox;
 mod overlay;
 mod router;
 mod serve;
@@ -201,7 +202,7 @@ pub fn main(home: &PenHome, name: &str) -> anyhow::Result<()> {
 /// is kept as `supervisor.log.1`. Dropping the returned guard flushes the log.
 fn redirect_stdio(log: &std::path::Path) -> anyhow::Result<LogPump> {
     use pen_core::logfile::{CappedLog, SUPERVISOR_LOG_MAX};
-    let mut out = CappedLog::start(log, SUPERVISOR_LOG_MAX)
+    let out = CappedLog::start(log, SUPERVISOR_LOG_MAX)
         .with_context(|| format!("creating {}", log.display()))?;
     let (read, write) =
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("creating the log pipe")?;
@@ -209,18 +210,7 @@ fn redirect_stdio(log: &std::path::Path) -> anyhow::Result<LogPump> {
     std::thread::Builder::new()
         .name("log".into())
         .spawn(move || {
-            let mut read = File::from(read);
-            let mut buf = vec![0u8; 64 * 1024];
-            loop {
-                match read.read(&mut buf) {
-                    Ok(0) => break,
-                    Ok(n) => {
-                        let _ = out.write_all(&buf[..n]);
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                    Err(_) => break,
-                }
-            }
+            out.drain_from(File::from(read));
             let _ = done_tx.send(());
         })
         .context("starting the log thread")?;

@@ -3,13 +3,22 @@
 //! never reused, so a late frame of an ended session can never reach a newer one.
 //!
 //! The router also holds each session's windows (see [`pen_proto::window`]) as the relay
-//! sees them: it forwards grants unchanged, and a peer that sends beyond its credit (or
-//! grants what it never received) breaks its session instead of growing the supervisor's
-//! queues. A session's output queued for its client is thus never more than one window.
+//! sees them: it forwards grants, and a peer that sends beyond its credit (or grants what it
+//! never received) breaks its session instead of growing the supervisor's queues.
+//!
+//! The guest is hostile, so what it may send on a session is narrow: one `Started`, data
+//! within the window, grants, and one `Exit` or `Error`. Anything else breaks the session.
+//! Grants from the guest are batched here (as the agent batches its own), so a guest that
+//! grants byte by byte, or sends empty grants, cannot make the supervisor queue a frame per
+//! byte for a client that is not reading. The same holds toward the guest for the grants
+//! the router makes itself for a hung-up session's discarded output.
 
 use std::collections::HashMap;
 
-use pen_proto::{Credit, Frame, Message, SessionId, WindowError, CLIENT_SESSION, CONTROL};
+use pen_proto::{
+    Credit, Frame, Message, SessionId, WindowError, CLIENT_SESSION, CONTROL, GRANT_THRESHOLD,
+    WINDOW,
+};
 
 pub type ClientId = u64;
 
@@ -19,8 +28,12 @@ struct Route {
     client: ClientId,
     /// What the guest may still send of stdout + stderr.
     output: Credit,
-    /// What the client may still send of stdin.
+    /// What the client may still send of stdin, as far as the guest has granted it.
     input: Credit,
+    /// Stdin credit the guest granted that the client has not been told of yet.
+    input_granted: u32,
+    /// The guest said `Started`.
+    started: bool,
 }
 
 #[derive(Debug)]
@@ -29,9 +42,18 @@ pub struct Router {
     by_guest: HashMap<SessionId, Route>,
     by_client: HashMap<ClientId, SessionId>,
     /// Guest sessions whose client hung up, until their `Exit`: their output is discarded
-    /// and its credit returned at once, so the process is never stuck on a window that no
-    /// client will reopen. Each holds the guest's output credit.
+    /// and its credit returned, so the process is never stuck on a window that no client
+    /// will reopen. Each holds the guest's output credit.
     orphans: HashMap<SessionId, Credit>,
+}
+
+/// How the guest broke a session.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GuestFault {
+    #[error(transparent)]
+    Window(#[from] WindowError),
+    #[error("sent {0}, which an agent never sends on a session")]
+    Unexpected(&'static str),
 }
 
 /// What to do with a frame from the guest.
@@ -41,12 +63,12 @@ pub enum FromGuest {
     Client(ClientId, Frame),
     /// Answer the guest (the window of a hung-up session's discarded output).
     Guest(Frame),
-    /// The guest broke the session's window: the session is closed here; tell the client,
+    /// The guest broke the session's rules: the session is closed here; tell the client,
     /// kill the guest session.
     Broken {
         client: ClientId,
         session: SessionId,
-        error: WindowError,
+        error: GuestFault,
     },
     /// Nothing to do.
     Drop,
@@ -60,14 +82,6 @@ impl Default for Router {
             by_client: HashMap::new(),
             orphans: HashMap::new(),
         }
-    }
-}
-
-/// Bytes of session data a message carries (what windows count).
-fn data_len(message: &Message) -> Option<usize> {
-    match message {
-        Message::Stdin(d) | Message::Stdout(d) | Message::Stderr(d) => Some(d.len()),
-        _ => None,
     }
 }
 
@@ -86,6 +100,8 @@ impl Router {
                 client,
                 output: Credit::new(),
                 input: Credit::new(),
+                input_granted: 0,
+                started: false,
             },
         );
         self.by_client.insert(client, id);
@@ -124,13 +140,18 @@ impl Router {
                     self.orphans.remove(&id);
                     FromGuest::Drop
                 }
-                message => match data_len(message) {
+                message => match message.data_len() {
                     Some(0) | None => FromGuest::Drop,
                     Some(n) => match credit.spend(n) {
-                        Ok(()) => {
-                            credit.grant(n as u32).expect("just spent");
-                            FromGuest::Guest(Frame::new(id, Message::Window(n as u32)))
-                        }
+                        // Discarded at once; given back in batches, and always before the
+                        // guest can run out (a batch is smaller than the window).
+                        Ok(()) => match WINDOW - credit.available() as u32 {
+                            outstanding if outstanding >= GRANT_THRESHOLD => {
+                                credit.grant(outstanding).expect("just spent");
+                                FromGuest::Guest(Frame::new(id, Message::Window(outstanding)))
+                            }
+                            _ => FromGuest::Drop,
+                        },
                         Err(_) => {
                             // A guest that ignores windows gets no more help ending.
                             self.orphans.remove(&id);
@@ -145,9 +166,35 @@ impl Router {
         };
         let client = route.client;
         let checked = match &frame.message {
-            Message::Stdout(d) | Message::Stderr(d) => route.output.spend(d.len()),
-            Message::Window(n) => route.input.grant(*n),
-            _ => Ok(()),
+            Message::Started { .. } if !route.started => {
+                route.started = true;
+                Ok(())
+            }
+            // Empty output means nothing; relaying it would let a guest queue frames for free.
+            Message::Stdout(d) | Message::Stderr(d) if d.is_empty() => return FromGuest::Drop,
+            Message::Stdout(d) | Message::Stderr(d) => {
+                route.output.spend(d.len()).map_err(Into::into)
+            }
+            Message::Window(0) => return FromGuest::Drop,
+            Message::Window(n) => match route.input.grant(*n) {
+                Ok(()) => {
+                    // Pass grants on in batches, or at once when the guest has consumed
+                    // everything sent (the client may be waiting for exactly that).
+                    route.input_granted += n;
+                    let everything = route.input.available() == WINDOW as usize;
+                    if route.input_granted < GRANT_THRESHOLD && !everything {
+                        return FromGuest::Drop;
+                    }
+                    let n = std::mem::take(&mut route.input_granted);
+                    return FromGuest::Client(
+                        client,
+                        Frame::new(CLIENT_SESSION, Message::Window(n)),
+                    );
+                }
+                Err(e) => Err(e.into()),
+            },
+            Message::Exit(_) | Message::Error(_) => Ok(()),
+            other => Err(GuestFault::Unexpected(other.kind())),
         };
         if let Err(error) = checked {
             self.close_guest(id);
@@ -175,7 +222,7 @@ impl Router {
     pub fn close_client(&mut self, client: ClientId) -> Option<(SessionId, Option<u32>)> {
         let id = self.by_client.remove(&client)?;
         let route = self.by_guest.remove(&id)?;
-        let unconsumed = pen_proto::WINDOW as usize - route.output.available();
+        let unconsumed = WINDOW as usize - route.output.available();
         self.orphans.insert(id, Credit::new());
         Some((id, (unconsumed > 0).then_some(unconsumed as u32)))
     }
@@ -191,7 +238,7 @@ impl Router {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use pen_proto::{ExitStatus, WINDOW};
+    use pen_proto::ExitStatus;
 
     fn to_client(r: &mut Router, frame: Frame) -> Option<(ClientId, Frame)> {
         match r.route_from_guest(frame) {
@@ -271,7 +318,7 @@ mod tests {
             FromGuest::Broken {
                 client: 1,
                 session,
-                error: WindowError::Overrun { sent: 1, credit: 0 },
+                error: GuestFault::Window(WindowError::Overrun { sent: 1, credit: 0 }),
             } => assert_eq!(session, a),
             other => panic!("expected a broken session, got {other:?}"),
         }
@@ -287,10 +334,18 @@ mod tests {
         assert!(r.route_to_guest(1, Message::Stdin(vec![0])).is_err());
         // End of input carries no bytes: always allowed.
         assert!(r.route_to_guest(1, Message::Stdin(Vec::new())).is_ok());
-        // The guest wrote 10 bytes to the process: the grant reaches the client.
+        // The guest wrote 10 bytes to the process: a grant that small waits for more.
         assert_eq!(
-            to_client(&mut r, Frame::new(a, Message::Window(10))),
-            Some((1, Frame::new(CLIENT_SESSION, Message::Window(10))))
+            r.route_from_guest(Frame::new(a, Message::Window(10))),
+            FromGuest::Drop
+        );
+        // A batch's worth reaches the client, with what was held back.
+        assert_eq!(
+            to_client(&mut r, Frame::new(a, Message::Window(GRANT_THRESHOLD - 10))),
+            Some((
+                1,
+                Frame::new(CLIENT_SESSION, Message::Window(GRANT_THRESHOLD))
+            ))
         );
         assert!(r.route_to_guest(1, Message::Stdin(vec![0; 10])).is_ok());
         // Granting output never sent is a client error too.
@@ -316,9 +371,15 @@ mod tests {
         to_client(&mut r, Frame::new(a, Message::Stdout(vec![0; 5000]))).unwrap();
         r.route_to_guest(1, Message::Window(1000)).unwrap();
         assert_eq!(r.close_client(1), Some((a, Some(4000))));
+        // Discarded output is given back in batches, before the guest could run dry.
         assert_eq!(
             r.route_from_guest(Frame::new(a, Message::Stdout(vec![0; 700]))),
-            FromGuest::Guest(Frame::new(a, Message::Window(700)))
+            FromGuest::Drop
+        );
+        let rest = GRANT_THRESHOLD as usize - 700;
+        assert_eq!(
+            r.route_from_guest(Frame::new(a, Message::Stdout(vec![0; rest]))),
+            FromGuest::Guest(Frame::new(a, Message::Window(GRANT_THRESHOLD)))
         );
         assert_eq!(
             r.route_from_guest(Frame::new(a, Message::Exit(ExitStatus::Exited(0)))),
@@ -329,5 +390,163 @@ mod tests {
             FromGuest::Drop,
             "forgotten after its exit"
         );
+    }
+
+    /// Everything the guest sent that is not its part of a session breaks the session:
+    /// before, a guest could make the supervisor queue any number of `Hello`s, `Log`s or
+    /// `Exec`s for a client that was not reading.
+    #[test]
+    fn a_guest_sending_what_no_agent_sends_breaks_its_session() {
+        for message in [
+            Message::Hello {
+                version: 2,
+                software: "x".repeat(1000),
+            },
+            Message::Log { text: "x".into() },
+            Message::Exec(Default::default()),
+            Message::Stdin(vec![1]),
+            Message::Signal(9),
+            Message::Ready,
+        ] {
+            let mut r = Router::default();
+            let a = r.open(1).unwrap();
+            let kind = message.kind();
+            assert_eq!(
+                r.route_from_guest(Frame::new(a, message)),
+                FromGuest::Broken {
+                    client: 1,
+                    session: a,
+                    error: GuestFault::Unexpected(kind)
+                }
+            );
+        }
+        let mut r = Router::default();
+        let a = r.open(1).unwrap();
+        assert!(to_client(&mut r, Frame::new(a, Message::Started { pid: 1 })).is_some());
+        assert!(matches!(
+            r.route_from_guest(Frame::new(a, Message::Started { pid: 1 })),
+            FromGuest::Broken { .. }
+        ));
+    }
+
+    #[test]
+    fn empty_and_byte_sized_grants_from_the_guest_are_batched() {
+        let mut r = Router::default();
+        let a = r.open(1).unwrap();
+        r.route_to_guest(1, Message::Stdin(vec![0; WINDOW as usize]))
+            .unwrap();
+        for _ in 0..1000 {
+            assert_eq!(
+                r.route_from_guest(Frame::new(a, Message::Window(0))),
+                FromGuest::Drop
+            );
+            assert_eq!(
+                r.route_from_guest(Frame::new(a, Message::Window(1))),
+                FromGuest::Drop
+            );
+        }
+    }
+
+    /// Fuzzing the router from the hostile guest's side (and a client that never reads):
+    /// whatever frames the guest sends, on whatever sessions, nothing panics and what is
+    /// queued for each client stays within a bound that does not grow with the number of
+    /// frames: at most a window of data plus one frame per batch of grants and per session
+    /// event.
+    mod fuzz {
+        use super::*;
+        use pen_proto::testing;
+        use proptest::collection::vec;
+        use proptest::prelude::*;
+
+        #[derive(Debug, Clone)]
+        enum Step {
+            Guest(Frame),
+            /// A burst of identical frames (floods are where bounds break).
+            GuestBurst(Frame, u16),
+            ClientStdin(ClientId, usize),
+            ClientGone(ClientId),
+            Open(ClientId),
+        }
+
+        fn step() -> impl Strategy<Value = Step> {
+            prop_oneof![
+                6 => testing::frame().prop_map(Step::Guest),
+                2 => (testing::frame(), 1u16..2000).prop_map(|(f, n)| Step::GuestBurst(f, n)),
+                1 => (0u64..3, 0usize..(2 * WINDOW as usize)).prop_map(|(c, n)| Step::ClientStdin(c, n)),
+                1 => (0u64..3).prop_map(Step::ClientGone),
+                1 => (0u64..3).prop_map(Step::Open),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+            #[test]
+            fn a_hostile_guest_cannot_grow_a_stalled_clients_queue(
+                steps in vec(step(), 0..64),
+            ) {
+                let mut r = Router::default();
+                for c in 0..3 {
+                    r.open(c);
+                }
+                // Per client: frames and data bytes queued (never read), stdin sent.
+                let mut frames = HashMap::<ClientId, usize>::new();
+                let mut bytes = HashMap::<ClientId, usize>::new();
+                let mut stdin_sent = HashMap::<ClientId, usize>::new();
+                let mut to_guest = 0usize;
+                for step in steps {
+                    let (frame, times) = match step {
+                        Step::Guest(f) => (f, 1),
+                        Step::GuestBurst(f, n) => (f, n),
+                        Step::ClientStdin(c, n) => {
+                            if let Ok(Some(_)) = r.route_to_guest(c, Message::Stdin(vec![0; n])) {
+                                *stdin_sent.entry(c).or_default() += n;
+                            }
+                            continue;
+                        }
+                        Step::ClientGone(c) => {
+                            r.close_client(c);
+                            continue;
+                        }
+                        Step::Open(c) => {
+                            r.open(c);
+                            continue;
+                        }
+                    };
+                    for _ in 0..times {
+                        match r.route_from_guest(frame.clone()) {
+                            FromGuest::Client(c, f) => {
+                                prop_assert_eq!(f.session, CLIENT_SESSION);
+                                *frames.entry(c).or_default() += 1;
+                                *bytes.entry(c).or_default() += f.message.data_len().unwrap_or(0);
+                            }
+                            FromGuest::Guest(f) => {
+                                prop_assert!(matches!(f.message, Message::Window(n) if n >= GRANT_THRESHOLD));
+                                to_guest += 1;
+                            }
+                            FromGuest::Broken { client, .. } => {
+                                *frames.entry(client).or_default() += 1;
+                            }
+                            FromGuest::Drop => {}
+                        }
+                    }
+                }
+                // Sessions per client are bounded by the Open steps (at most 64 here).
+                let sessions = 64 + 3;
+                for (c, n) in frames {
+                    let data = bytes.get(&c).copied().unwrap_or(0);
+                    let stdin = stdin_sent.get(&c).copied().unwrap_or(0);
+                    // Windows of data, and per session: Started, Exit/Error or a break,
+                    // plus grants (one per batch of stdin, one per full catch-up).
+                    prop_assert!(data <= sessions * WINDOW as usize);
+                    let grants_bound = stdin / GRANT_THRESHOLD as usize + sessions;
+                    // Each data frame relayed holds at least one byte.
+                    prop_assert!(
+                        n <= data + 3 * sessions + grants_bound,
+                        "client {c}: {n} frames queued for {data} data bytes and {stdin} stdin bytes"
+                    );
+                }
+                prop_assert!(to_guest <= 64 * 2000 * 8192 / GRANT_THRESHOLD as usize + 1);
+            }
+        }
     }
 }

@@ -19,9 +19,10 @@ use super::boot;
 use super::children::{self, Spawned};
 use super::config::guest_config;
 use super::machine::Stage1;
+use super::outbox::Outbox;
 use super::overlay::prepare_overlay;
 use super::router::{ClientId, FromGuest, Router};
-use super::sessions::{accept_loop, kind, read_guest, write_frames, Client};
+use super::sessions::{accept_loop, read_guest, write_frames, Client};
 use super::{Params, Report, Reporter};
 use crate::accel::Accel;
 use crate::qemu::{self, QemuSpec};
@@ -48,7 +49,7 @@ pub(super) enum Event {
     Guest(Frame),
     GuestBad(String),
     GuestClosed,
-    ClientConnected(ClientId, UnboundedSender<Frame>, JoinHandle<()>),
+    ClientConnected(ClientId, Outbox, JoinHandle<()>),
     ClientFrame(ClientId, Frame),
     ClientBad(ClientId, String),
     ClientGone(ClientId),
@@ -416,14 +417,14 @@ impl Sup<'_> {
                 eprintln!("supervisor: malformed frame from guest: {reason}")
             }
             Event::GuestClosed => eprintln!("supervisor: agent link closed"),
-            Event::ClientConnected(id, tx, writer) => {
+            Event::ClientConnected(id, outbox, writer) => {
                 if self.phase == Phase::Ready {
                     self.had_client = true;
                 }
                 self.clients.insert(
                     id,
                     Client {
-                        tx,
+                        outbox,
                         writer,
                         hello: false,
                         waiting: false,
@@ -449,7 +450,8 @@ impl Sup<'_> {
     fn on_guest(&mut self, frame: Frame) -> Option<End> {
         if frame.session != CONTROL {
             // Never waits: a client's queue is bounded by its session's window, which the
-            // router enforces, so a stalled client stalls only its own guest process.
+            // router enforces, and by its outbox, so a stalled client stalls only its own
+            // guest process.
             match self.router.route_from_guest(frame) {
                 FromGuest::Client(client, frame) => self.send_client(client, frame),
                 FromGuest::Guest(frame) => self.send_guest(frame),
@@ -458,14 +460,14 @@ impl Sup<'_> {
                     session,
                     error,
                 } => {
-                    eprintln!("supervisor: guest session {session} broke its window: {error}");
+                    eprintln!("supervisor: guest session {session} broke the protocol: {error}");
                     self.send_guest(Frame::new(session, Message::Signal(libc::SIGKILL)));
                     self.send_client(
                         client,
                         Frame::new(
                             CLIENT_SESSION,
                             Message::Error(format!(
-                                "the guest broke the session's window: {error}"
+                                "the guest broke the session's protocol: {error}"
                             )),
                         ),
                     );
@@ -530,7 +532,7 @@ impl Sup<'_> {
             Message::Error(e) => eprintln!("supervisor: guest error: {e}"),
             other => eprintln!(
                 "supervisor: unexpected control message from guest: {}",
-                kind(&other)
+                other.kind()
             ),
         }
         None

@@ -9,10 +9,11 @@ use futures::{SinkExt, StreamExt};
 use pen_proto::{Frame, FrameCodec, Message, CLIENT_SESSION, CONTROL, PROTOCOL_VERSION};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixListener;
-use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 use tokio::task::JoinHandle;
 use tokio_util::codec::{FramedRead, FramedWrite};
 
+use super::outbox::{Full, Outbox, MAX_QUEUED};
 use super::router::ClientId;
 use super::serve::{End, Event, Phase, Sup};
 use super::Report;
@@ -22,7 +23,7 @@ const HANGUP_GRACE: Duration = Duration::from_secs(2);
 
 /// A connected client.
 pub(super) struct Client {
-    pub tx: UnboundedSender<Frame>,
+    pub outbox: Outbox,
     pub writer: JoinHandle<()>,
     pub hello: bool,
     /// Said Hello and waits for `Ready` (gets boot `Log` lines meanwhile).
@@ -108,16 +109,28 @@ impl Sup<'_> {
             (session, message) => {
                 self.refuse(
                     id,
-                    format!("unexpected {} on session {session}", kind(&message)),
+                    format!("unexpected {} on session {session}", message.kind()),
                 );
             }
         }
         None
     }
 
-    pub(super) fn send_client(&self, id: ClientId, frame: Frame) {
-        if let Some(c) = self.clients.get(&id) {
-            let _ = c.tx.send(frame);
+    /// Queues a frame for a client. A client whose queue is full has stopped reading while
+    /// its guest session floods it with tiny frames (see [`Outbox`]): it is dropped, and its
+    /// session hung up, rather than let the supervisor's memory grow. Boot progress lines to
+    /// such a client are skipped instead.
+    pub(super) fn send_client(&mut self, id: ClientId, frame: Frame) {
+        let Some(c) = self.clients.get(&id) else {
+            return;
+        };
+        let is_log = matches!(frame.message, Message::Log { .. });
+        if c.outbox.push(frame) == Err(Full) && !is_log {
+            eprintln!(
+                "supervisor: client {id} is not reading and its queue passed {} MiB; dropping it",
+                MAX_QUEUED >> 20
+            );
+            self.drop_client(id);
         }
     }
 
@@ -130,9 +143,10 @@ impl Sup<'_> {
 
     /// Forgets a client; its session in the guest, if still running, is hung up.
     pub(super) fn drop_client(&mut self, id: ClientId) {
-        if self.clients.remove(&id).is_none() {
+        let Some(client) = self.clients.remove(&id) else {
             return;
-        }
+        };
+        client.outbox.close();
         if let Some((guest_id, unconsumed)) = self.router.close_client(id) {
             // What the client never read is dropped with it: the guest may send that much
             // again (to be discarded) and so reach its exit.
@@ -171,33 +185,16 @@ impl Sup<'_> {
         for id in self.router.drain() {
             self.send_client(id, Frame::new(CLIENT_SESSION, Message::Error(msg.clone())));
         }
-        let writers: Vec<JoinHandle<()>> = self.clients.drain().map(|(_, c)| c.writer).collect();
+        let writers: Vec<JoinHandle<()>> = self
+            .clients
+            .drain()
+            .map(|(_, c)| {
+                c.outbox.close();
+                c.writer
+            })
+            .collect();
         let _ =
             tokio::time::timeout(Duration::from_secs(2), futures::future::join_all(writers)).await;
-    }
-}
-
-/// A message's variant name, for logs: never its payload (stdin bytes, env values).
-pub(super) fn kind(message: &Message) -> &'static str {
-    match message {
-        Message::Hello { .. } => "Hello",
-        Message::AwaitingConfig => "AwaitingConfig",
-        Message::Config(_) => "Config",
-        Message::Ready => "Ready",
-        Message::BootFailed { .. } => "BootFailed",
-        Message::Log { .. } => "Log",
-        Message::Shutdown { .. } => "Shutdown",
-        Message::KeepRunning => "KeepRunning",
-        Message::Exec(_) => "Exec",
-        Message::Started { .. } => "Started",
-        Message::Stdin(_) => "Stdin",
-        Message::Stdout(_) => "Stdout",
-        Message::Stderr(_) => "Stderr",
-        Message::Resize(_) => "Resize",
-        Message::Signal(_) => "Signal",
-        Message::Exit(_) => "Exit",
-        Message::Error(_) => "Error",
-        Message::Window(_) => "Window",
     }
 }
 
@@ -215,9 +212,12 @@ pub(super) async fn accept_loop(listener: UnixListener, events: UnboundedSender<
         let id = next_id;
         next_id += 1;
         let (r, w) = stream.into_split();
-        let (tx, rx) = unbounded_channel();
-        let writer = tokio::spawn(write_frames(w, rx));
-        if events.send(Event::ClientConnected(id, tx, writer)).is_err() {
+        let outbox = Outbox::new();
+        let writer = tokio::spawn(write_outbox(w, outbox.clone()));
+        if events
+            .send(Event::ClientConnected(id, outbox, writer))
+            .is_err()
+        {
             return;
         }
         tokio::spawn(read_client(id, r, events.clone()));
@@ -232,6 +232,21 @@ pub(super) async fn write_frames(w: OwnedWriteHalf, mut rx: UnboundedReceiver<Fr
         }
         // Batch what is already queued into one flush.
         while let Ok(frame) = rx.try_recv() {
+            if sink.feed(frame).await.is_err() {
+                return;
+            }
+        }
+        if sink.flush().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// A client's writer: everything queued in one flush, until the outbox is closed.
+async fn write_outbox(w: OwnedWriteHalf, outbox: Outbox) {
+    let mut sink = FramedWrite::new(w, FrameCodec::new());
+    while let Some(frames) = outbox.take().await {
+        for frame in frames {
             if sink.feed(frame).await.is_err() {
                 return;
             }
