@@ -8,7 +8,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 
 use pen_core::vm::{NetworkSettings, NETWORK_ALLOW, NETWORK_NONE, NETWORK_OPEN};
-use pen_net::{validate_domain, Mode, NetworkPolicy, PublishSpec};
+use pen_net::{validate_domain, Mode, NetError, NetworkPolicy, Proto, PublishSpec};
 
 /// Test and debug hook: a hosts-file (`ADDR NAME...` lines) whose answers pen's DNS gives
 /// before asking the host's resolver, read by the supervisor at start. The VM's mode still
@@ -96,6 +96,27 @@ pub fn parse_allow_hosts(values: &[String]) -> Result<Vec<String>, String> {
 pub fn parse_publishes(values: &[String]) -> Result<Vec<String>, String> {
     PublishSpec::parse_all(values).map_err(|e| e.to_string())?;
     Ok(values.to_vec())
+}
+
+/// Tries each published host port now and lets it go, so that a port in use is an error
+/// before a VM is created or its supervisor spawned. The supervisor binds them for real and
+/// reports a port taken in between the same way.
+pub fn check_publish_ports(publish: &[String]) -> Result<(), String> {
+    for spec in PublishSpec::parse_all(publish).map_err(|e| e.to_string())? {
+        let bound = match spec.proto {
+            Proto::Tcp => std::net::TcpListener::bind(spec.host).map(drop),
+            Proto::Udp => std::net::UdpSocket::bind(spec.host).map(drop),
+        };
+        if let Err(source) = bound {
+            return Err(NetError::Bind {
+                spec,
+                addr: spec.host,
+                source,
+            }
+            .to_string());
+        }
+    }
+    Ok(())
 }
 
 /// The recorded settings as pen-net's policy and published ports.

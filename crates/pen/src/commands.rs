@@ -223,6 +223,10 @@ fn prepare(home: &PenHome, name: Option<&str>, args: &CreateArgs) -> anyhow::Res
     for notice in notices {
         eprintln!("pen: {notice}");
     }
+    if !running {
+        // Before vm.json is written or a supervisor spawned: a published port in use.
+        pen_vm::net::check_publish_ports(&config.network.publish).map_err(anyhow::Error::msg)?;
+    }
     if existing.as_ref() != Some(&config) {
         config.save(&paths)?;
     }
