@@ -203,7 +203,8 @@ fn run(env: &Env) -> anyhow::Result<()> {
         env.wait_stopped()?;
         if launch.is_none() {
             let (vfsd, qemu) = launch_lines(&log)?;
-            let qemu = snapshots::floor_qemu_argv(&qemu, &snapshots::vfs_socket(&vfsd)?)?;
+            let qemu =
+                snapshots::floor_qemu_argv(&qemu, &snapshots::vfs_socket(&vfsd)?, &env.vm_dir())?;
             launch = Some((vfsd, qemu));
         }
         let (vfsd_argv, qemu_argv) = launch.as_ref().expect("set above");

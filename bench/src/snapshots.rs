@@ -126,13 +126,39 @@ pub fn supervisor_of(home: &Path, name: &str) -> anyhow::Result<u32> {
 /// pen's QEMU command line made standalone for the floor: pen passes guest RAM as a memfd
 /// it owns and hot-plugs the workspace over QMP; the floor gets its own memfd backend and
 /// the workspace device on the command line (cheaper than hot-plugging, as a floor should
-/// be). The overlay disk is on pen's command line already.
-pub fn floor_qemu_argv(qemu: &[String], vfs_socket: &Path) -> anyhow::Result<Vec<String>> {
+/// be). The descriptors pen hands QEMU become paths: the overlay disk's becomes
+/// `vm_dir/overlay.img`, the console pipe `vm_dir/console.log`.
+pub fn floor_qemu_argv(
+    qemu: &[String],
+    vfs_socket: &Path,
+    vm_dir: &Path,
+) -> anyhow::Result<Vec<String>> {
     let mut argv = Vec::new();
     let mut args = qemu.iter().peekable();
     while let Some(arg) = args.next() {
         if arg == "-incoming" {
             args.next();
+            continue;
+        }
+        if let Some(rest) = arg
+            .strip_prefix("file=/proc/self/fd/")
+            .filter(|r| r.contains("id=pen-overlay"))
+        {
+            let options = rest.split_once(',').map_or("", |(_, o)| o);
+            argv.push(format!(
+                "file={},{options}",
+                vm_dir.join("overlay.img").display()
+            ));
+            continue;
+        }
+        if let Some(rest) = arg.strip_prefix("file,id=console,path=/proc/self/fd/") {
+            let options = rest
+                .split_once(',')
+                .map_or(String::new(), |(_, o)| format!(",{o}"));
+            argv.push(format!(
+                "file,id=console,path={}{options}",
+                vm_dir.join("console.log").display()
+            ));
             continue;
         }
         if let Some(rest) = arg.strip_prefix("memory-backend-file,id=mem,") {
@@ -183,12 +209,16 @@ mod tests {
             "memory-backend-file,id=mem,size=2048M,mem-path=/proc/self/fd/19,share=on",
             "-device",
             "pcie-root-port,id=pen-rp-workspace,chassis=1,slot=1",
+            "-chardev",
+            "file,id=console,path=/proc/self/fd/18",
+            "-drive",
+            "file=/proc/self/fd/20,if=none,id=pen-overlay,format=raw",
             "-incoming",
             "defer",
         ]
         .map(String::from)
         .to_vec();
-        let argv = floor_qemu_argv(&pen, Path::new("/r/vfs.sock")).unwrap();
+        let argv = floor_qemu_argv(&pen, Path::new("/r/vfs.sock"), Path::new("/h/vms/b")).unwrap();
         let line = argv.join(" ");
         assert!(
             line.contains("memory-backend-memfd,id=mem,size=2048M,share=on"),
@@ -196,6 +226,18 @@ mod tests {
         );
         assert!(!line.contains("/proc/self/fd"), "{line}");
         assert!(!line.contains("-incoming"), "{line}");
+        assert!(
+            !line.contains("fdset") && !line.contains("-add-fd"),
+            "{line}"
+        );
+        assert!(
+            line.contains("-drive file=/h/vms/b/overlay.img,if=none,id=pen-overlay,format=raw"),
+            "{line}"
+        );
+        assert!(
+            line.contains("file,id=console,path=/h/vms/b/console.log"),
+            "{line}"
+        );
         assert!(line.contains("socket,id=vfs,path=/r/vfs.sock"), "{line}");
     }
 

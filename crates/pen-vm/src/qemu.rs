@@ -57,6 +57,9 @@ const WORKSPACE_PORT: &str = "pen-rp-workspace";
 
 #[derive(Debug, Clone)]
 pub struct QemuSpec {
+    /// The VM's name, given to QEMU (`-name`) so that its process says which VM it runs:
+    /// its command line names no file of the VM (they are passed as descriptors).
+    pub name: String,
     pub accel: Accel,
     pub cpus: u32,
     pub memory_mb: u32,
@@ -71,8 +74,15 @@ pub struct QemuSpec {
     pub incoming: bool,
     /// Boot with `pen.debug` (see [`kernel_cmdline`]).
     pub guest_debug: bool,
-    /// The VM's read/write overlay disk (raw).
+    /// The VM's read/write overlay disk (raw). The supervisor opens it and QEMU gets the
+    /// descriptor ([`QemuSpec::overlay_fd`]).
     pub overlay: PathBuf,
+    /// Descriptor number, in QEMU's process, of the overlay disk (opened by the supervisor).
+    /// QEMU opens the disk as `/proc/self/fd/N`, never by its path: it reopens the disk
+    /// when a restored guest resumes, and a QEMU that gave up root could not traverse pen's
+    /// directories. (An `-add-fd` fd set would dup one open file description for every
+    /// open, which breaks QEMU's image locking on that reopen.) Set when QEMU is started.
+    pub overlay_fd: i32,
     /// Where the supervisor writes the serial console (`console.log`).
     pub console_log: PathBuf,
     /// Descriptor number, in QEMU's process, of the pipe QEMU writes the serial console
@@ -86,6 +96,9 @@ pub struct QemuSpec {
     /// The supervisor's network backend (pen-net), listening before QEMU starts: QEMU
     /// connects to it as a client at startup and carries the NIC's Ethernet frames over it.
     pub net_socket: PathBuf,
+    /// The user QEMU becomes once it has opened its files (`-runas`); set when pen runs as
+    /// root (see [`unprivileged_user`]).
+    pub runas: Option<String>,
 }
 
 /// The `-cpu` model for `accel`, as a snapshot identity names it: TCG's `max` is fixed by
@@ -141,6 +154,40 @@ pub fn binary() -> anyhow::Result<PathBuf> {
 /// QEMU's `-sandbox` argument: seccomp on, every optional deny category set.
 pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
 
+/// `-sandbox` for a QEMU that drops root with `-runas`: QEMU 7.2 installs its filter before
+/// it changes uid, so with `elevateprivileges=deny` the change kills it (SIGSYS, measured).
+/// Allowing set*id costs nothing after the drop: an unprivileged process cannot get root
+/// back with them.
+pub const SANDBOX_RUNAS: &str =
+    "on,obsolete=deny,elevateprivileges=allow,spawn=deny,resourcecontrol=deny";
+
+/// Who QEMU runs as when pen runs as root: `nobody`, when the host has that user. `None`
+/// when pen is not root (QEMU is then the user already) or there is no such user.
+pub fn unprivileged_user() -> Option<String> {
+    if !nix::unistd::geteuid().is_root() {
+        return None;
+    }
+    nix::unistd::User::from_name("nobody")
+        .ok()
+        .flatten()
+        .map(|u| u.name)
+}
+
+/// Lets `user` (a [`QemuSpec::runas`]) reopen the VM's overlay disk through QEMU's own
+/// descriptor (`/proc/self/fd/N` checks the file's owner and mode): the file becomes that
+/// user's. pen's directories (0700, root's) still keep every other process of that user
+/// away from it.
+pub fn give_overlay_to(overlay: &std::fs::File, user: &str) -> anyhow::Result<()> {
+    let user =
+        nix::unistd::User::from_name(user)?.ok_or_else(|| anyhow::anyhow!("no user {user}"))?;
+    nix::unistd::fchown(
+        std::os::fd::AsRawFd::as_raw_fd(overlay),
+        Some(user.uid),
+        Some(user.gid),
+    )?;
+    Ok(())
+}
+
 /// Escapes a value for a QEMU `key=value,...` option string.
 pub fn opt_value(value: &OsStr) -> OsString {
     let bytes = value.as_encoded_bytes();
@@ -177,12 +224,18 @@ pub fn args(spec: &QemuSpec) -> Vec<OsString> {
         "-display",
         "none",
         "-no-reboot",
+        "-name",
+        &spec.name,
     ]);
     // QEMU's seccomp filter, from before it parses guest-controlled state: no obsolete
     // syscalls, no setuid/setgid/capability changes, no fork/exec, no scheduler or resource
     // changes. A guest that takes over a device emulator still cannot start a program or
     // regain privileges. (Verified under TCG, with snapshot save, restore and hot-plug.)
-    push(&["-sandbox", SANDBOX]);
+    // As root, QEMU also gives up root once its files are open (`-runas`).
+    match &spec.runas {
+        None => push(&["-sandbox", SANDBOX]),
+        Some(user) => push(&["-sandbox", SANDBOX_RUNAS, "-runas", user]),
+    }
     push(&["-machine", &format!("{MACHINE},memory-backend=mem")]);
     match spec.accel {
         Accel::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
@@ -234,11 +287,13 @@ pub fn args(spec: &QemuSpec) -> Vec<OsString> {
     a.push(format!("virtio-blk-pci,drive=root,serial={ROOT_DISK_SERIAL}").into());
 
     a.push("-drive".into());
-    a.push(opt_path_suffix(
-        "file=",
-        &spec.overlay,
-        ",if=none,id=pen-overlay,format=raw,discard=unmap",
-    ));
+    a.push(
+        format!(
+            "file=/proc/self/fd/{},if=none,id=pen-overlay,format=raw,discard=unmap",
+            spec.overlay_fd
+        )
+        .into(),
+    );
     a.push("-device".into());
     // QEMU's default error policy pauses the whole VM when the host disk fills up, and pen
     // would wait on it forever; the guest gets an I/O error instead.
@@ -288,22 +343,22 @@ pub fn args(spec: &QemuSpec) -> Vec<OsString> {
     a
 }
 
-/// QMP commands that attach the VM's workspace device (virtio-fs), when it has one. Paths
-/// travel as JSON strings, so they must be UTF-8.
-pub fn hotplug_commands(spec: &QemuSpec) -> anyhow::Result<Vec<(&'static str, Value)>> {
-    let utf8 = |p: &Path| {
-        p.to_str()
-            .map(str::to_string)
-            .ok_or_else(|| anyhow::anyhow!("{} is not valid UTF-8", p.display()))
-    };
+/// The name under which the supervisor hands QEMU its connection to virtiofsd (QMP `getfd`)
+/// before [`hotplug_commands`].
+pub const VIRTIOFS_FD: &str = "pen-vfs";
+
+/// QMP commands that attach the VM's workspace device (virtio-fs), when it has one. The
+/// chardev takes the virtiofsd connection passed as [`VIRTIOFS_FD`]: QEMU never opens a
+/// path in pen's runtime directory after it started.
+pub fn hotplug_commands(spec: &QemuSpec) -> Vec<(&'static str, Value)> {
     let mut cmds = Vec::new();
-    if let Some(sock) = &spec.virtiofs_socket {
+    if spec.virtiofs_socket.is_some() {
         cmds.push((
             "chardev-add",
             json!({
                 "id": "pen-vfs",
                 "backend": {"type": "socket", "data": {
-                    "addr": {"type": "unix", "data": {"path": utf8(sock)?}},
+                    "addr": {"type": "fd", "data": {"str": VIRTIOFS_FD}},
                     "server": false,
                 }},
             }),
@@ -319,7 +374,7 @@ pub fn hotplug_commands(spec: &QemuSpec) -> anyhow::Result<Vec<(&'static str, Va
             }),
         ));
     }
-    Ok(cmds)
+    cmds
 }
 
 #[cfg(test)]
@@ -328,6 +383,7 @@ mod tests {
 
     fn spec(accel: Accel) -> QemuSpec {
         QemuSpec {
+            name: "dev".into(),
             accel,
             cpus: 2,
             memory_mb: 2048,
@@ -338,13 +394,29 @@ mod tests {
             incoming: false,
             guest_debug: false,
             overlay: "/h/vms/dev/overlay.img".into(),
+            overlay_fd: 5,
             console_log: "/h/vms/dev/console.log".into(),
             console_fd: 4,
             qmp_socket: "/run/pen/dev/qmp.sock".into(),
             agent_socket: "/run/pen/dev/agent.sock".into(),
             virtiofs_socket: Some("/run/pen/dev/virtiofs.sock".into()),
             net_socket: "/run/pen/dev/net.sock".into(),
+            runas: None,
         }
+    }
+
+    #[test]
+    fn as_root_qemu_drops_to_the_given_user_under_a_sandbox_that_lets_it() {
+        let mut s = spec(Accel::Tcg);
+        s.runas = Some("nobody".into());
+        let line = joined(&s);
+        assert!(
+            line.contains(
+                " -sandbox on,obsolete=deny,elevateprivileges=allow,spawn=deny,resourcecontrol=deny -runas nobody "
+            ),
+            "{line}"
+        );
+        assert!(!joined(&spec(Accel::Tcg)).contains("-runas"));
     }
 
     fn joined(spec: &QemuSpec) -> String {
@@ -360,7 +432,7 @@ mod tests {
         let line = joined(&spec(Accel::Tcg));
         assert_eq!(
             line,
-            "-nodefaults -no-user-config -display none -no-reboot \
+            "-nodefaults -no-user-config -display none -no-reboot -name dev \
              -sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny \
              -machine q35,memory-backend=mem -accel tcg,thread=multi -cpu max -smp 2 -m 2048M \
              -object memory-backend-file,id=mem,size=2048M,mem-path=/proc/self/fd/7,share=on \
@@ -370,7 +442,7 @@ mod tests {
              -chardev socket,id=qmp,path=/run/pen/dev/qmp.sock,server=on,wait=off -mon chardev=qmp,mode=control \
              -drive file=/h/images/rootfs.sqfs,if=none,id=root,format=raw,readonly=on \
              -device virtio-blk-pci,drive=root,serial=pen-root \
-             -drive file=/h/vms/dev/overlay.img,if=none,id=pen-overlay,format=raw,discard=unmap \
+             -drive file=/proc/self/fd/5,if=none,id=pen-overlay,format=raw,discard=unmap \
              -device virtio-blk-pci,drive=pen-overlay,id=pen-overlay-dev,serial=pen-overlay,werror=report,rerror=report,addr=0x10 \
              -netdev stream,id=net0,server=off,addr.type=unix,addr.path=/run/pen/dev/net.sock \
              -device virtio-net-pci,netdev=net0,romfile= -device virtio-rng-pci \
@@ -394,12 +466,14 @@ mod tests {
         let line = joined(&s);
         assert!(!line.contains("vhost-user-fs"), "{line}");
         assert!(!line.contains("virtiofs.sock"), "{line}");
-        let cmds = hotplug_commands(&s).unwrap();
+        let cmds = hotplug_commands(&s);
         let names: Vec<&str> = cmds.iter().map(|(c, _)| *c).collect();
         assert_eq!(names, ["chardev-add", "device_add"]);
+        // The connection is handed over, never a path QEMU would open.
+        assert_eq!(cmds[0].1["backend"]["data"]["addr"]["type"], "fd");
         assert_eq!(
-            cmds[0].1["backend"]["data"]["addr"]["data"]["path"],
-            "/run/pen/dev/virtiofs.sock"
+            cmds[0].1["backend"]["data"]["addr"]["data"]["str"],
+            VIRTIOFS_FD
         );
         assert_eq!(cmds[1].1["bus"], WORKSPACE_PORT);
         assert_eq!(cmds[1].1["tag"], "workspace");
@@ -419,7 +493,7 @@ mod tests {
     fn builder_vms_hotplug_nothing() {
         let mut s = spec(Accel::Tcg);
         s.virtiofs_socket = None;
-        assert!(hotplug_commands(&s).unwrap().is_empty());
+        assert!(hotplug_commands(&s).is_empty());
         // The port is there regardless: one snapshot serves both modes.
         assert!(joined(&s).contains("pen-rp-workspace"));
     }

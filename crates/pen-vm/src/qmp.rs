@@ -4,7 +4,14 @@
 //! QEMU schema than the 7.2 we support (`migrate`, `device_add` and `blockdev-add` changed
 //! shape since), while the handful of commands pen sends are easiest to read as plain JSON.
 //! Asynchronous events arriving between replies are skipped; pen polls state instead.
+//!
+//! Sockets QEMU needs after it started (a migration stream, the virtiofsd socket of a
+//! hot-plugged workspace) are handed to it as file descriptors ([`Qmp::pass_fd`], QMP
+//! `getfd`) rather than as paths: pen's runtime directory is private, and a QEMU that has
+//! dropped root (see `qemu::runas`) could not open them.
 
+use std::io::IoSlice;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::path::Path;
 use std::time::Duration;
 
@@ -50,12 +57,48 @@ impl Qmp {
 
     /// Runs `command` with `arguments` (a JSON object) and returns its `return` value.
     pub async fn execute(&mut self, command: &str, arguments: Value) -> anyhow::Result<Value> {
-        let mut line = serde_json::to_vec(&json!({"execute": command, "arguments": arguments}))?;
-        line.push(b'\n');
+        let line = command_line(command, arguments)?;
         self.writer
             .write_all(&line)
             .await
             .with_context(|| format!("sending QMP {command}"))?;
+        self.reply(command).await
+    }
+
+    /// Hands QEMU a duplicate of `fd` under `name` (QMP `getfd`, the descriptor travelling
+    /// as `SCM_RIGHTS` with the command). A command that then names it (`fd:NAME` migration
+    /// URIs, a socket address of type `fd`) takes it over.
+    pub async fn pass_fd(&mut self, name: &str, fd: BorrowedFd<'_>) -> anyhow::Result<()> {
+        use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+        let line = command_line("getfd", json!({ "fdname": name }))?;
+        let socket = self.writer.as_ref();
+        let sent = loop {
+            socket.writable().await.context("sending QMP getfd")?;
+            let fds = [fd.as_raw_fd()];
+            match socket.try_io(tokio::io::Interest::WRITABLE, || {
+                sendmsg::<()>(
+                    socket.as_raw_fd(),
+                    &[IoSlice::new(&line)],
+                    &[ControlMessage::ScmRights(&fds)],
+                    MsgFlags::MSG_NOSIGNAL,
+                    None,
+                )
+                .map_err(std::io::Error::from)
+            }) {
+                Ok(n) => break n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e).context("sending QMP getfd"),
+            }
+        };
+        // The descriptor went with the first byte; the rest of a short write is plain data.
+        self.writer
+            .write_all(&line[sent..])
+            .await
+            .context("sending QMP getfd")?;
+        self.reply("getfd").await.map(drop)
+    }
+
+    async fn reply(&mut self, command: &str) -> anyhow::Result<Value> {
         let reply = tokio::time::timeout(REPLY_TIMEOUT, async {
             loop {
                 let message = self.read_message().await?;
@@ -76,6 +119,12 @@ impl Qmp {
         }
         serde_json::from_str(&line).with_context(|| format!("malformed QMP message: {line:?}"))
     }
+}
+
+fn command_line(command: &str, arguments: Value) -> anyhow::Result<Vec<u8>> {
+    let mut line = serde_json::to_vec(&json!({"execute": command, "arguments": arguments}))?;
+    line.push(b'\n');
+    Ok(line)
 }
 
 /// The `return` of a reply, or its `error` as an error naming the command.
@@ -143,5 +192,65 @@ mod tests {
         let seen = server.await.unwrap();
         assert!(seen.contains("\"execute\":\"qmp_capabilities\""), "{seen}");
         assert!(seen.contains("\"execute\":\"query-status\""), "{seen}");
+    }
+
+    /// `getfd` carries the descriptor as SCM_RIGHTS: the monitor receives a working copy of
+    /// it (here, one end of a pipe it then reads from).
+    #[tokio::test]
+    async fn pass_fd_hands_over_a_working_descriptor() {
+        use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+        use std::io::{IoSliceMut, Read, Write};
+        use std::os::fd::{AsFd, AsRawFd, FromRawFd};
+        let (mut ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        let monitor = std::thread::spawn(move || {
+            ours.write_all(b"{\"QMP\": {}}\n").unwrap();
+            let mut buf = [0u8; 256];
+            let n = ours.read(&mut buf).unwrap(); // qmp_capabilities
+            assert!(std::str::from_utf8(&buf[..n])
+                .unwrap()
+                .contains("qmp_capabilities"));
+            ours.write_all(b"{\"return\": {}}\n").unwrap();
+            let mut space = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+            let mut iov = [IoSliceMut::new(&mut buf)];
+            let (bytes, fd) = {
+                let msg = recvmsg::<()>(
+                    ours.as_raw_fd(),
+                    &mut iov,
+                    Some(&mut space),
+                    MsgFlags::empty(),
+                )
+                .unwrap();
+                let fd = msg
+                    .cmsgs()
+                    .unwrap()
+                    .find_map(|c| match c {
+                        ControlMessageOwned::ScmRights(fds) => fds.first().copied(),
+                        _ => None,
+                    })
+                    .expect("a descriptor came with getfd");
+                (msg.bytes, fd)
+            };
+            let line = String::from_utf8_lossy(&buf[..bytes]).to_string();
+            ours.write_all(b"{\"return\": {}}\n").unwrap();
+            // SAFETY: the descriptor just received is ours alone.
+            let mut pipe = unsafe { std::fs::File::from_raw_fd(fd) };
+            let mut text = String::new();
+            pipe.read_to_string(&mut text).unwrap();
+            (line, text)
+        });
+        theirs.set_nonblocking(true).unwrap();
+        let mut qmp = Qmp::handshake(UnixStream::from_std(theirs).unwrap())
+            .await
+            .unwrap();
+        let (read, write) = nix::unistd::pipe().unwrap();
+        qmp.pass_fd("pen-test", read.as_fd()).await.unwrap();
+        drop(read);
+        let mut write = std::fs::File::from(write);
+        write.write_all(b"through the pipe").unwrap();
+        drop(write);
+        let (line, text) = monitor.join().unwrap();
+        assert!(line.contains("\"execute\":\"getfd\""), "{line}");
+        assert!(line.contains("\"fdname\":\"pen-test\""), "{line}");
+        assert_eq!(text, "through the pipe");
     }
 }

@@ -179,7 +179,10 @@ fn env_reaches_the_guest_and_never_touches_a_disk_or_an_argv() {
         .map(String::from),
     );
     let client = pen.spawn(&exec, None);
-    let up = wait_until(TIMEOUT, || pen.ws.join("d").exists());
+    // The file exists before printf has written to it: wait for its content.
+    let up = wait_until(TIMEOUT, || {
+        std::fs::read_to_string(pen.ws.join("d")).is_ok_and(|text| !text.is_empty())
+    });
     assert!(up, "the long exec did not start");
     assert_eq!(std::fs::read_to_string(pen.ws.join("d")).unwrap(), d);
     let cmdline = std::fs::read(format!("/proc/{}/cmdline", client.pid())).unwrap();

@@ -140,7 +140,6 @@ fn greeting_timeout(accel: Accel) -> Duration {
 pub(super) async fn boot(
     plan: Plan,
     spec: QemuSpec,
-    runtime: &Path,
     virtiofsd: Option<&mut Spawned>,
     config: &dyn Fn() -> GuestConfig,
     reporter: &mut Reporter,
@@ -150,7 +149,7 @@ pub(super) async fn boot(
         let key = snapshot.key().to_string();
         let dir = snapshot.dir.clone_handle();
         let mut save = plan.save;
-        match restore(snapshot, spec.clone(), runtime, virtiofsd, config).await {
+        match restore(snapshot, spec.clone(), virtiofsd, config).await {
             Ok((machine, (agent_read, agent_write))) => {
                 eprintln!(
                     "supervisor: restored snapshot {} in {} ms",
@@ -241,12 +240,11 @@ pub(super) async fn wait_for_virtiofsd(spec: &QemuSpec, vfsd: &mut Spawned) -> a
 async fn restore(
     snapshot: Box<Snapshot>,
     spec: QemuSpec,
-    runtime: &Path,
     virtiofsd: Option<&mut Spawned>,
     config: &dyn Fn() -> GuestConfig,
 ) -> Result<(Machine, Link), RestoreError> {
     let accel = spec.accel;
-    let mut machine = machine::start_restored(spec, snapshot, runtime).await?;
+    let mut machine = machine::start_restored(spec, snapshot).await?;
     let greeted = async {
         if let Some(vfsd) = virtiofsd {
             wait_for_virtiofsd(&machine.stage1.spec, vfsd).await?;

@@ -42,11 +42,19 @@ pub struct Spawned {
 /// Spawns `program args` so that it is SIGKILLed when the supervisor dies. Must run on the
 /// main thread (see the module doc of `supervisor`). The descriptors in `inherit` (opened
 /// close-on-exec, as all of ours are) stay open in the child under the same numbers.
+///
+/// `pid_namespace` (root only) is for a program that changes its uid, which clears the
+/// parent-death signal: the child then stays outside as the handle the supervisor waits on
+/// and kills, forks the init of a new PID namespace that dies with it, and that init forks
+/// the program. Whatever kills the handle (the supervisor's death included) kills the
+/// namespace's init, and the kernel kills everything in the namespace with it. The handle
+/// exits with the program's status (128 + N for signal N).
 pub fn spawn(
     label: &'static str,
     program: &Path,
     args: &[OsString],
     inherit: &[RawFd],
+    pid_namespace: bool,
 ) -> anyhow::Result<Spawned> {
     let mut cmd = Command::new(program);
     cmd.args(args)
@@ -56,8 +64,8 @@ pub fn spawn(
         .kill_on_drop(true);
     let parent = std::process::id();
     let inherit = inherit.to_vec();
-    // SAFETY: only async-signal-safe calls (prctl, fcntl, getppid, _exit) between fork and
-    // exec; `inherit` was allocated before the fork.
+    // SAFETY: only async-signal-safe calls (prctl, fcntl, getppid, unshare, fork, waitpid,
+    // close_range, _exit) between fork and exec; `inherit` was allocated before the fork.
     unsafe {
         cmd.pre_exec(move || {
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
@@ -71,6 +79,33 @@ pub fn spawn(
             // The supervisor may have died before prctl took effect.
             if libc::getppid() as u32 != parent {
                 libc::_exit(1);
+            }
+            if pid_namespace {
+                if libc::unshare(libc::CLONE_NEWPID) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                let init = libc::fork();
+                if init < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if init > 0 {
+                    // The handle: holds nothing (spawn() waits for its descriptors to close).
+                    close_from(3);
+                    libc::_exit(wait_for(init));
+                }
+                // PID 1 of the namespace: dies with the handle, and the namespace with it.
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
+                    libc::_exit(1);
+                }
+                let program = libc::fork();
+                if program < 0 {
+                    libc::_exit(1);
+                }
+                if program > 0 {
+                    close_from(3);
+                    libc::_exit(wait_for(program));
+                }
+                // The program itself: on to exec.
             }
             Ok(())
         });
@@ -101,6 +136,36 @@ pub fn spawn(
         child,
         stderr: tail,
     })
+}
+
+/// Closes every descriptor from `first` on (async-signal-safe).
+fn close_from(first: u32) {
+    // SAFETY: a plain syscall; on kernels without close_range the descriptors stay open,
+    // which costs only spawn() returning when the child exits instead of at once.
+    unsafe {
+        libc::syscall(libc::SYS_close_range, first, u32::MAX, 0);
+    }
+}
+
+/// Reaps children until `pid` exits (a PID namespace's init must reap whatever the
+/// namespace leaves it); its exit code, or 128 + the signal that killed it.
+/// Async-signal-safe.
+fn wait_for(pid: libc::pid_t) -> i32 {
+    loop {
+        let mut status = 0;
+        // SAFETY: waitpid writes only `status`.
+        let reaped = unsafe { libc::waitpid(-1, &mut status, 0) };
+        if reaped == pid {
+            return if libc::WIFEXITED(status) {
+                libc::WEXITSTATUS(status)
+            } else {
+                128 + libc::WTERMSIG(status)
+            };
+        }
+        if reaped < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+            return 1;
+        }
+    }
 }
 
 /// Waits for `path` to appear (a socket a child creates), failing early if the child exits.

@@ -6,14 +6,14 @@
 //! every page; QEMU migrates only device state (`x-ignore-shared`).
 
 use std::fs::File;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{UnixListener, UnixStream};
+use tokio::net::UnixStream;
 
 use super::children::{self, Spawned};
 use crate::qemu::{self, QemuSpec};
@@ -67,14 +67,27 @@ fn spawn_qemu(spec: &mut QemuSpec, ram: &File, incoming: bool) -> anyhow::Result
     // Our copy of the console pipe's write end is dropped on return: QEMU's exit then
     // ends the console thread.
     let console = super::console::pipe(&spec.console_log)?;
+    let overlay = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&spec.overlay)
+        .with_context(|| format!("opening {}", spec.overlay.display()))?;
+    if let Some(user) = &spec.runas {
+        qemu::give_overlay_to(&overlay, user)
+            .with_context(|| format!("handing {} to user {user}", spec.overlay.display()))?;
+    }
     spec.ram_fd = ram.as_raw_fd();
     spec.console_fd = console.as_raw_fd();
+    spec.overlay_fd = overlay.as_raw_fd();
     spec.incoming = incoming;
+    // A QEMU that drops root loses its parent-death signal with it (the kernel clears it on
+    // a uid change): it runs in a PID namespace whose init does die with the supervisor.
     children::spawn(
         "qemu",
         &qemu::binary()?,
         &qemu::args(spec),
-        &[ram.as_raw_fd(), console.as_raw_fd()],
+        &[ram.as_raw_fd(), console.as_raw_fd(), overlay.as_raw_fd()],
+        spec.runas.is_some(),
     )
 }
 
@@ -114,7 +127,6 @@ pub(super) enum RestoreError {
 pub(super) async fn start_restored(
     mut spec: QemuSpec,
     snapshot: Box<Snapshot>,
-    runtime: &Path,
 ) -> Result<Machine, RestoreError> {
     let started = Instant::now();
     let state = snapshot.read_state().map_err(RestoreError::Snapshot)?;
@@ -136,7 +148,7 @@ pub(super) async fn start_restored(
             .await
             .map_err(|e| RestoreError::Host(anyhow::anyhow!("RAM copy thread: {e}")))?
             .map_err(RestoreError::Snapshot)?;
-        load_state(&mut qmp, &state, runtime)
+        load_state(&mut qmp, &state)
             .await
             .map_err(|e| RestoreError::Snapshot(format!("QEMU did not load it: {e:#}")))?;
         eprintln!(
@@ -189,23 +201,34 @@ pub(super) async fn kill(qemu: &mut Spawned) {
 }
 
 /// Feeds the device state to a QEMU started with `-incoming defer` and waits for it to be
-/// loaded. RAM is already in place: `x-ignore-shared` tells QEMU not to expect it.
-async fn load_state(qmp: &mut Qmp, state: &[u8], runtime: &Path) -> anyhow::Result<()> {
+/// loaded. RAM is already in place: `x-ignore-shared` tells QEMU not to expect it. The
+/// stream is one end of a socket pair handed to QEMU, never a path it opens.
+async fn load_state(qmp: &mut Qmp, state: &[u8]) -> anyhow::Result<()> {
     ignore_shared_ram(qmp).await?;
-    let sock = runtime.join("migrate.sock");
-    let _ = std::fs::remove_file(&sock);
-    qmp.execute("migrate-incoming", json!({"uri": unix_uri(&sock)?}))
-        .await?;
-    let mut stream = UnixStream::connect(&sock)
-        .await
-        .context("connecting to QEMU's incoming migration socket")?;
-    stream
-        .write_all(state)
+    let (mut ours, theirs) = migration_pair()?;
+    qmp.pass_fd(MIGRATION_FD, theirs.as_fd()).await?;
+    drop(theirs);
+    qmp.execute(
+        "migrate-incoming",
+        json!({ "uri": format!("fd:{MIGRATION_FD}") }),
+    )
+    .await?;
+    ours.write_all(state)
         .await
         .context("sending the device state")?;
-    stream.shutdown().await?;
-    let _ = std::fs::remove_file(&sock);
+    ours.shutdown().await?;
     wait_migration(qmp, LOAD_TIMEOUT).await
+}
+
+/// The name a migration stream's descriptor has in QEMU while it is being handed over.
+const MIGRATION_FD: &str = "pen-migration";
+
+/// A connected socket pair: pen's end (async) and the end for QEMU.
+fn migration_pair() -> anyhow::Result<(UnixStream, std::os::unix::net::UnixStream)> {
+    let (ours, theirs) =
+        std::os::unix::net::UnixStream::pair().context("creating the migration socket pair")?;
+    ours.set_nonblocking(true)?;
+    Ok((UnixStream::from_std(ours)?, theirs))
 }
 
 async fn ignore_shared_ram(qmp: &mut Qmp) -> anyhow::Result<()> {
@@ -215,13 +238,6 @@ async fn ignore_shared_ram(qmp: &mut Qmp) -> anyhow::Result<()> {
     )
     .await?;
     Ok(())
-}
-
-fn unix_uri(path: &Path) -> anyhow::Result<String> {
-    let path = path
-        .to_str()
-        .ok_or_else(|| anyhow::anyhow!("{} is not valid UTF-8", path.display()))?;
-    Ok(format!("unix:{path}"))
 }
 
 /// Polls `query-migrate` until the migration completed; fails when it failed, QEMU went
@@ -253,11 +269,7 @@ impl Stage1 {
     /// pages out of the memfd. The guest stays stopped until [`Stage1::resume`].
     /// Returns the pending snapshot, complete but for its manifest, and QEMU's version for
     /// the manifest; on error the pending snapshot is gone (and its files with it).
-    pub async fn save(
-        &mut self,
-        mut pending: Pending,
-        runtime: &Path,
-    ) -> anyhow::Result<(Pending, String)> {
+    pub async fn save(&mut self, mut pending: Pending) -> anyhow::Result<(Pending, String)> {
         self.qmp.execute("stop", json!({})).await?;
         self.paused = true;
         ignore_shared_ram(&mut self.qmp).await?;
@@ -268,14 +280,13 @@ impl Stage1 {
                 json!({"max-bandwidth": 1u64 << 40}),
             )
             .await?;
-        let sock = runtime.join("migrate.sock");
-        let _ = std::fs::remove_file(&sock);
-        let listener = UnixListener::bind(&sock).context("binding the migration socket")?;
+        let (mut stream, theirs) = migration_pair()?;
+        self.qmp.pass_fd(MIGRATION_FD, theirs.as_fd()).await?;
+        drop(theirs);
         self.qmp
-            .execute("migrate", json!({"uri": unix_uri(&sock)?}))
+            .execute("migrate", json!({ "uri": format!("fd:{MIGRATION_FD}") }))
             .await?;
         let receive = async {
-            let (mut stream, _) = listener.accept().await?;
             let mut bytes = Vec::new();
             (&mut stream)
                 .take(MAX_STATE as u64 + 1)
@@ -286,7 +297,6 @@ impl Stage1 {
         let state = tokio::time::timeout(SAVE_TIMEOUT, receive)
             .await
             .context("QEMU did not send its state")??;
-        let _ = std::fs::remove_file(&sock);
         if state.len() > MAX_STATE {
             anyhow::bail!("the device state is larger than {} MB", MAX_STATE >> 20);
         }
@@ -309,7 +319,16 @@ impl Stage1 {
         if self.attached {
             return Ok(());
         }
-        for (command, arguments) in qemu::hotplug_commands(&self.spec)? {
+        if let Some(sock) = &self.spec.virtiofs_socket {
+            // Connected here and handed over: QEMU may not be able to open our sockets.
+            let stream = std::os::unix::net::UnixStream::connect(sock)
+                .with_context(|| format!("connecting to virtiofsd at {}", sock.display()))?;
+            self.qmp
+                .pass_fd(qemu::VIRTIOFS_FD, stream.as_fd())
+                .await
+                .context("attaching the VM's devices")?;
+        }
+        for (command, arguments) in qemu::hotplug_commands(&self.spec) {
             self.qmp
                 .execute(command, arguments)
                 .await
@@ -385,13 +404,5 @@ mod tests {
         assert_eq!(qemu_version(&v), "7.2.22 Debian 1:7.2+dfsg-7");
         let v = json!({"qemu": {"major": 8, "minor": 0, "micro": 0}, "package": ""});
         assert_eq!(qemu_version(&v), "8.0.0");
-    }
-
-    #[test]
-    fn migration_uri() {
-        assert_eq!(
-            unix_uri(Path::new("/run/pen/x/migrate.sock")).unwrap(),
-            "unix:/run/pen/x/migrate.sock"
-        );
     }
 }

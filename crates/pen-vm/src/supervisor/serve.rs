@@ -155,6 +155,7 @@ pub(super) async fn run(
     };
 
     let spec = QemuSpec {
+        name: name.clone(),
         accel: params.accel,
         cpus: vm.cpus,
         memory_mb: vm.memory_mb,
@@ -167,27 +168,20 @@ pub(super) async fn run(
         guest_debug: std::env::var_os(qemu::GUEST_DEBUG_ENV)
             .is_some_and(|v| !v.is_empty() && v != "0"),
         overlay: paths.overlay(),
+        overlay_fd: -1,
         console_log: paths.console_log(),
         console_fd: -1,
         qmp_socket: paths.qmp_socket(),
         agent_socket: paths.agent_socket(),
         virtiofs_socket: virtiofsd.as_ref().map(|_| paths.virtiofs_socket()),
         net_socket: paths.net_socket(),
+        runas: qemu::unprivileged_user(),
     };
     super::console::start_log(&spec.console_log)?;
     let boot_started = Instant::now();
     let plan = boot::plan(&snapshots, &params, &spec, reporter);
     let config = || guest_config(&name, &params);
-    let booted = match boot::boot(
-        plan,
-        spec,
-        &paths.runtime,
-        virtiofsd.as_mut(),
-        &config,
-        reporter,
-    )
-    .await
-    {
+    let booted = match boot::boot(plan, spec, virtiofsd.as_mut(), &config, reporter).await {
         Ok(booted) => booted,
         Err(e) => {
             let msg = boot_failure(&name, &paths, &format!("{e:#}"), None);
@@ -325,6 +319,7 @@ fn spawn_virtiofsd(paths: &VmPaths, vm: &VmConfig) -> anyhow::Result<Spawned> {
         &vfsd.path,
         &vfsd.args(&paths.virtiofs_socket(), &vm.dir, runner),
         &[],
+        false,
     )
 }
 
@@ -550,7 +545,7 @@ impl Sup<'_> {
             let key = identity.key();
             let saved = async {
                 let pending = Pending::create(&self.snapshots, identity, files)?;
-                stage1.save(pending, &self.paths.runtime).await
+                stage1.save(pending).await
             }
             .await;
             match saved {

@@ -629,16 +629,16 @@ impl Pen {
         );
     }
 
-    /// QEMU processes of this VM, by their command line, which names the VM's overlay
-    /// disk (the console goes through a pipe to the supervisor).
+    /// QEMU processes of this VM, by their command line: `-name NAME`, and a kernel under
+    /// this test's `PEN_HOME` (its files other than the images go to QEMU as descriptors).
     pub fn qemu_pids(&self, name: &str) -> Vec<u32> {
-        let console = self.vm_dir(name).join("overlay.img");
-        let console = console.to_string_lossy();
+        let root = self.root.to_string_lossy();
         processes()
             .into_iter()
             .filter(|p| {
                 p.argv.first().is_some_and(|a| a.contains("qemu-system"))
-                    && p.argv.iter().any(|a| a.contains(console.as_ref()))
+                    && p.argv.windows(2).any(|w| w[0] == "-name" && w[1] == name)
+                    && p.argv.iter().any(|a| a.contains(root.as_ref()))
             })
             .map(|p| p.pid)
             .collect()
