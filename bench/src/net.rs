@@ -161,6 +161,8 @@ where
 #[derive(Default)]
 struct Figures {
     snap: Vec<Duration>,
+    /// The supervisor's start to the guest's Ready, in the (s) runs (its log).
+    snap_ready: Vec<Duration>,
     g2h: Vec<f64>,
     h2g: Vec<f64>,
     connect: Vec<Duration>,
@@ -244,8 +246,8 @@ fn run(opts: &NetOpts, new: &Env, old: &Env) -> anyhow::Result<()> {
 
     for (label, f) in [("old", &fig_old), ("new", &fig_new)] {
         eprintln!(
-            "pen-bench net: {label}: (s) {:?}; g2h {:.1?} MiB/s; h2g {:.1?} MiB/s",
-            f.snap, f.g2h, f.h2g
+            "pen-bench net: {label}: (s) {:?} (ready {:?}); g2h {:.1?} MiB/s; h2g {:.1?} MiB/s",
+            f.snap, f.snap_ready, f.g2h, f.h2g
         );
     }
     let date = std::process::Command::new("date")
@@ -271,6 +273,16 @@ fn run(opts: &NetOpts, new: &Env, old: &Env) -> anyhow::Result<()> {
         ms(so),
         ms(sn),
         sn.as_secs_f64() / so.as_secs_f64()
+    );
+    let (ro, rn) = (
+        median(fig_old.snap_ready.clone()),
+        median(fig_new.snap_ready.clone()),
+    );
+    println!(
+        "| (s) of which: supervisor start to guest Ready (its log) | {} | {} | {:.2} |",
+        ms(ro),
+        ms(rn),
+        rn.as_secs_f64() / ro.as_secs_f64()
     );
     for (label, o, n) in [
         ("guest→host", &fig_old.g2h, &fig_new.g2h),
@@ -313,6 +325,7 @@ fn one_rep(
             log.display()
         );
     }
+    fig.snap_ready.push(crate::snapshots::ready_ms(&log)?);
     env.wait_stopped()?;
 
     let mut args = vec!["start", VM];
