@@ -13,6 +13,9 @@
 //!   (m) host memory of 1 and of 4 idle VMs restored from one snapshot.
 //!
 //! Usage: `pen-bench [--pen PATH] [--reps N] [--images DIR] [--memory MB]`.
+//!
+//! `pen-bench net --old PATH ...` (see `net.rs`): TCP throughput both ways, connection setup
+//! and the snapshot start of this pen against another pen binary, alternated in one run.
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -27,12 +30,14 @@ use pen_proto::{
 use tokio::net::UnixStream;
 use tokio_util::codec::Framed;
 
+mod net;
 mod snapshots;
 
 const VM: &str = "bench";
 /// VMs of the multi-VM memory measurement (m).
 const MANY: [&str; 4] = ["bench-m1", "bench-m2", "bench-m3", "bench-m4"];
 
+#[derive(Clone)]
 struct Opts {
     pen: PathBuf,
     reps: usize,
@@ -40,7 +45,8 @@ struct Opts {
     memory: u32,
 }
 
-fn parse_args() -> anyhow::Result<Opts> {
+/// The defaults, and whatever follows on the command line (after `net` for that mode).
+fn default_opts() -> anyhow::Result<Opts> {
     let exe_dir = std::env::current_exe()?
         .parent()
         .map(Path::to_path_buf)
@@ -50,15 +56,19 @@ fn parse_args() -> anyhow::Result<Opts> {
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config/pen")))
         .map(|h| h.join("images"))
         .filter(|p| p.join("base.json").exists());
-    let mut opts = Opts {
+    Ok(Opts {
         // The pen built alongside this benchmark (same profile).
         pen: exe_dir.join("pen"),
         reps: 5,
         images: default_images,
         memory: 2048,
-    };
+    })
+}
+
+fn parse_args(args: impl Iterator<Item = String>) -> anyhow::Result<Opts> {
+    let mut opts = default_opts()?;
     const USAGE: &str = "usage: pen-bench [--pen PATH] [--reps N] [--images DIR] [--memory MB]";
-    let mut args = std::env::args().skip(1);
+    let mut args = args;
     while let Some(arg) = args.next() {
         let mut value = || args.next().context("missing value");
         match arg.as_str() {
@@ -149,15 +159,8 @@ fn ms(d: Duration) -> String {
     format!("{:.0} ms", d.as_secs_f64() * 1000.0)
 }
 
-fn main() -> anyhow::Result<()> {
-    let opts = parse_args()?;
-    if !opts.pen.exists() {
-        bail!(
-            "{} not found: build it (`cargo build --release -p pen`) or pass --pen",
-            opts.pen.display()
-        );
-    }
-    let root = std::env::temp_dir().join(format!("pen-bench-{}", std::process::id()));
+/// A private `PEN_HOME` and shared directory under `root`; `images` linked when given.
+fn make_env(opts: Opts, root: &Path) -> anyhow::Result<Env> {
     let home = root.join("home");
     let ws = root.join("ws");
     std::fs::create_dir_all(&home)?;
@@ -165,7 +168,24 @@ fn main() -> anyhow::Result<()> {
     if let Some(images) = &opts.images {
         std::os::unix::fs::symlink(images.canonicalize()?, home.join("images"))?;
     }
-    let env = Env { opts, home, ws };
+    Ok(Env { opts, home, ws })
+}
+
+fn main() -> anyhow::Result<()> {
+    let mut args = std::env::args().skip(1).peekable();
+    if args.peek().is_some_and(|a| a == "net") {
+        args.next();
+        return net::main(default_opts()?, args);
+    }
+    let opts = parse_args(args)?;
+    if !opts.pen.exists() {
+        bail!(
+            "{} not found: build it (`cargo build --release -p pen`) or pass --pen",
+            opts.pen.display()
+        );
+    }
+    let root = std::env::temp_dir().join(format!("pen-bench-{}", std::process::id()));
+    let env = make_env(opts, &root)?;
     let result = run(&env);
     // Whatever happened, leave nothing running.
     for name in std::iter::once(VM).chain(MANY) {
