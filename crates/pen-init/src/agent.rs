@@ -57,6 +57,10 @@ pub async fn run(started: Instant) {
         Ok(held) => held,
         Err(e) => fail(None, BootError::new("overlay", e)).await,
     };
+    let volumes_held = match boot::disks::hold_volume_slots(Path::new(SYS_PCI)) {
+        Ok(held) => held,
+        Err(e) => fail(None, BootError::new("volumes", e)).await,
+    };
     match boot::modules::load_modules(Path::new(boot::modules::MODULE_DIR)) {
         Ok(n) => step(&format!("{n} modules loaded")),
         Err(e) => fail(None, e).await,
@@ -93,7 +97,7 @@ pub async fn run(started: Instant) {
     // The boot steps below block the thread: let the writer send what is queued first.
     tokio::task::yield_now().await;
 
-    let vm = match configure(&config, overlay_held, &step) {
+    let vm = match configure(&config, overlay_held, &volumes_held, &step) {
         Ok(vm) => vm,
         Err(e) => fail(Some(&link), e).await,
     };
@@ -249,6 +253,7 @@ struct Vm {
 fn configure(
     config: &GuestConfig,
     overlay_held: bool,
+    volumes_held: &[bool],
     step: &dyn Fn(&str),
 ) -> Result<Vm, BootError> {
     boot::system::set_clock(config.clock_secs, config.clock_nanos)?;
@@ -281,6 +286,19 @@ fn configure(
             .map_err(|e| BootError::new("overlay", e))?;
         step("overlay disk bound");
     }
+    // The VM's volumes: bound now so that their probes run while the overlay disk is set
+    // up; slots the VM does not use stay without a driver.
+    for volume in &config.volumes {
+        let slot = usize::from(volume.slot);
+        if !volumes_held.get(slot).copied().unwrap_or(false) {
+            return Err(BootError::new(
+                "volumes",
+                format!("no volume disk in slot {slot} (for {})", volume.path),
+            ));
+        }
+        boot::disks::release_volume_slot(Path::new(SYS_PCI), slot)
+            .map_err(|e| BootError::new("volumes", e))?;
+    }
     let dev = boot::disks::wait_for_disk(OVERLAY_DISK_SERIAL)
         .map_err(|e| BootError::new("overlay", e))?;
     step("overlay disk found");
@@ -302,6 +320,14 @@ fn configure(
         .map_err(|_| BootError::new("network", "the network thread panicked"))??;
     net::write_resolv_conf(ifname.as_deref())?;
     step("network");
+    for volume in &config.volumes {
+        let serial = pen_proto::volume_disk_serial(usize::from(volume.slot));
+        let dev = boot::disks::wait_for_disk(&serial).map_err(|e| BootError::new("volumes", e))?;
+        boot::system::mount_volume(&dev, &volume.path)?;
+    }
+    if !config.volumes.is_empty() {
+        step("volumes mounted");
+    }
     let workspace_mounted = match (&config.workspace_tag, config.mode) {
         (Some(tag), _) => {
             boot::system::mount_workspace(tag)?;
