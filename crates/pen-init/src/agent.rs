@@ -286,19 +286,9 @@ fn configure(
             .map_err(|e| BootError::new("overlay", e))?;
         step("overlay disk bound");
     }
-    // The VM's volumes: bound now so that their probes run while the overlay disk is set
-    // up; slots the VM does not use stay without a driver.
-    for volume in &config.volumes {
-        let slot = usize::from(volume.slot);
-        if !volumes_held.get(slot).copied().unwrap_or(false) {
-            return Err(BootError::new(
-                "volumes",
-                format!("no volume disk in slot {slot} (for {})", volume.path),
-            ));
-        }
-        boot::disks::release_volume_slot(Path::new(SYS_PCI), slot)
-            .map_err(|e| BootError::new("volumes", e))?;
-    }
+    // The VM's volumes, on their own thread (see `boot::volumes`); slots the VM does not
+    // use stay without a driver.
+    let volumes = boot::volumes::start(SYS_PCI, &config.volumes, volumes_held)?;
     let dev = boot::disks::wait_for_disk(OVERLAY_DISK_SERIAL)
         .map_err(|e| BootError::new("overlay", e))?;
     step("overlay disk found");
@@ -309,7 +299,14 @@ fn configure(
     step("overlay disk mounted");
     // 5. merged root
     boot::overlay::mount_merged_root()?;
+    if let Some(volumes) = &volumes {
+        volumes.wait_for_disks()?;
+        step("volume disks found");
+    }
     boot::mounts::switch_root(boot::NEWROOT)?;
+    if let Some(volumes) = &volumes {
+        volumes.root_switched();
+    }
     step("merged root");
 
     // 6.-8. stage 2, inside the merged root
@@ -320,14 +317,6 @@ fn configure(
         .map_err(|_| BootError::new("network", "the network thread panicked"))??;
     net::write_resolv_conf(ifname.as_deref())?;
     step("network");
-    for volume in &config.volumes {
-        let serial = pen_proto::volume_disk_serial(usize::from(volume.slot));
-        let dev = boot::disks::wait_for_disk(&serial).map_err(|e| BootError::new("volumes", e))?;
-        boot::system::mount_volume(&dev, &volume.path)?;
-    }
-    if !config.volumes.is_empty() {
-        step("volumes mounted");
-    }
     let workspace_mounted = match (&config.workspace_tag, config.mode) {
         (Some(tag), _) => {
             boot::system::mount_workspace(tag)?;
@@ -336,6 +325,10 @@ fn configure(
         }
         (None, BootMode::Shell | BootMode::Build) => false,
     };
+    if let Some(volumes) = volumes {
+        volumes.wait_for_mounts()?;
+        step("volumes mounted");
+    }
     let hostname = if config.hostname.is_empty() {
         nix::unistd::gethostname()
             .map(|h| h.to_string_lossy().into_owned())

@@ -1,7 +1,7 @@
 //! Finding devices by role: block devices by their virtio serial, the agent port by name.
 //! Devices appear asynchronously after their driver module loads, so lookups poll.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -88,6 +88,40 @@ pub fn wait_for_disk(serial: &str) -> Result<PathBuf, String> {
     .ok_or_else(|| {
         format!(
             "no disk with serial {serial:?} appeared within {}s",
+            DEVICE_TIMEOUT.as_secs()
+        )
+    })
+}
+
+/// Waits for the block devices with `serials` and their `/dev` nodes; returns the nodes'
+/// paths in the same order. Each device's serial is read once (a request to the device),
+/// however many disks are awaited and however often the directory is polled.
+pub fn wait_for_disks(serials: &[String]) -> Result<Vec<PathBuf>, String> {
+    let mut known: HashMap<String, String> = HashMap::new();
+    let sys_block = Path::new("/sys/block");
+    poll_for(DEVICE_TIMEOUT, || {
+        for entry in std::fs::read_dir(sys_block).ok()?.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let std::collections::hash_map::Entry::Vacant(slot) = known.entry(name) {
+                // Not readable yet: asked again at the next poll.
+                if let Some(serial) = read_trimmed(&sys_block.join(slot.key()).join("serial")) {
+                    slot.insert(serial);
+                }
+            }
+        }
+        serials
+            .iter()
+            .map(|want| {
+                let name = known.iter().find(|(_, s)| *s == want).map(|(n, _)| n)?;
+                let dev = PathBuf::from("/dev").join(name);
+                std::fs::File::open(&dev).ok().map(|_| dev)
+            })
+            .collect::<Option<Vec<_>>>()
+    })
+    .ok_or_else(|| {
+        format!(
+            "not all disks with serials {} appeared within {}s",
+            serials.join(", "),
             DEVICE_TIMEOUT.as_secs()
         )
     })
