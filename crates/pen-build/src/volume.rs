@@ -42,6 +42,12 @@ pub struct Tree {
     pub bytes: u64,
 }
 
+/// squashfs block size of volumes: 1 MiB instead of the images' 128 KiB. Volumes hold big
+/// files read sequentially (weights, archives, toolchains); measured under TCG, a 512 MiB
+/// file read with `dd` in the guest took a median 5.0 s at 1 MiB against 8.2 s at 128 KiB
+/// (5 alternated reads each). Small files and tails still share fragment blocks.
+const VOLUME_BLOCK_SIZE: &str = "1048576";
+
 /// How many unreadable paths a refusal names.
 const NAMED_UNREADABLE: usize = 5;
 
@@ -160,7 +166,7 @@ pub fn create(
         .tempfile_in(&dir)
         .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
     let progress = Progress::start(&format!("packing volume {name}"));
-    let (packer, mut input) = Packer::start(tmp.path())?;
+    let (packer, mut input) = Packer::start_with(tmp.path(), &["--block-size", VOLUME_BLOCK_SIZE])?;
     let total = tree.map(|t| t.bytes);
     let fed = match source {
         Source::Dir(src) => feed_dir(src, &mut input, &progress, total),
@@ -171,15 +177,17 @@ pub fn create(
     };
     drop(input);
     let packed = packer.finish()?;
+    // The packer's own message first: when it stops (a full disk), feeding it fails too,
+    // with a broken pipe that says nothing.
     let fed = match (fed, packed) {
         (Ok(bytes), Ok(())) => bytes,
-        (Err(e), _) => {
-            progress.abandon();
-            return Err(e.context(format!("volume {name} not changed")));
-        }
-        (Ok(_), Err(why)) => {
+        (_, Err(why)) => {
             progress.abandon();
             anyhow::bail!("packing volume {name}: {why}; volume {name} not changed");
+        }
+        (Err(e), Ok(())) => {
+            progress.abandon();
+            return Err(e.context(format!("volume {name} not changed")));
         }
     };
     let target = home.volume_file(name);
