@@ -261,7 +261,8 @@ pub fn args(spec: &QemuSpec) -> Vec<OsString> {
     );
 
     // Volume slots: the same devices for every VM, so one snapshot serves all; only the
-    // backing differs. Read-only on both sides (QEMU opens the file read-only, with a
+    // backing differs. One queue each: fewer queues and vectors to set up at each probe,
+    // which runs after every restore (volumes are read by few processes at once). Read-only on both sides (QEMU opens the file read-only, with a
     // shared lock, and tells the guest the disk is read-only).
     for slot in 0..pen_proto::VOLUME_SLOTS {
         a.push("-drive".into());
@@ -278,7 +279,7 @@ pub fn args(spec: &QemuSpec) -> Vec<OsString> {
         a.push("-device".into());
         a.push(
             format!(
-                "virtio-blk-pci,drive=pen-vol{slot},id=pen-vol{slot}-dev,serial={},addr={:#04x}",
+                "virtio-blk-pci,drive=pen-vol{slot},id=pen-vol{slot}-dev,serial={},num-queues=1,addr={:#04x}",
                 pen_proto::volume_disk_serial(slot),
                 usize::from(pen_proto::VOLUME_PCI_SLOT_BASE) + slot
             )
@@ -410,21 +411,21 @@ mod tests {
              -drive file=/h/vms/dev/overlay.img,if=none,id=pen-overlay,format=raw,discard=unmap \
              -device virtio-blk-pci,drive=pen-overlay,id=pen-overlay-dev,serial=pen-overlay,werror=report,rerror=report,addr=0x10 \
              -drive driver=null-co,read-zeroes=on,if=none,id=pen-vol0,readonly=on \
-             -device virtio-blk-pci,drive=pen-vol0,id=pen-vol0-dev,serial=pen-vol0,addr=0x11 \
+             -device virtio-blk-pci,drive=pen-vol0,id=pen-vol0-dev,serial=pen-vol0,num-queues=1,addr=0x11 \
              -drive driver=null-co,read-zeroes=on,if=none,id=pen-vol1,readonly=on \
-             -device virtio-blk-pci,drive=pen-vol1,id=pen-vol1-dev,serial=pen-vol1,addr=0x12 \
+             -device virtio-blk-pci,drive=pen-vol1,id=pen-vol1-dev,serial=pen-vol1,num-queues=1,addr=0x12 \
              -drive driver=null-co,read-zeroes=on,if=none,id=pen-vol2,readonly=on \
-             -device virtio-blk-pci,drive=pen-vol2,id=pen-vol2-dev,serial=pen-vol2,addr=0x13 \
+             -device virtio-blk-pci,drive=pen-vol2,id=pen-vol2-dev,serial=pen-vol2,num-queues=1,addr=0x13 \
              -drive driver=null-co,read-zeroes=on,if=none,id=pen-vol3,readonly=on \
-             -device virtio-blk-pci,drive=pen-vol3,id=pen-vol3-dev,serial=pen-vol3,addr=0x14 \
+             -device virtio-blk-pci,drive=pen-vol3,id=pen-vol3-dev,serial=pen-vol3,num-queues=1,addr=0x14 \
              -drive driver=null-co,read-zeroes=on,if=none,id=pen-vol4,readonly=on \
-             -device virtio-blk-pci,drive=pen-vol4,id=pen-vol4-dev,serial=pen-vol4,addr=0x15 \
+             -device virtio-blk-pci,drive=pen-vol4,id=pen-vol4-dev,serial=pen-vol4,num-queues=1,addr=0x15 \
              -drive driver=null-co,read-zeroes=on,if=none,id=pen-vol5,readonly=on \
-             -device virtio-blk-pci,drive=pen-vol5,id=pen-vol5-dev,serial=pen-vol5,addr=0x16 \
+             -device virtio-blk-pci,drive=pen-vol5,id=pen-vol5-dev,serial=pen-vol5,num-queues=1,addr=0x16 \
              -drive driver=null-co,read-zeroes=on,if=none,id=pen-vol6,readonly=on \
-             -device virtio-blk-pci,drive=pen-vol6,id=pen-vol6-dev,serial=pen-vol6,addr=0x17 \
+             -device virtio-blk-pci,drive=pen-vol6,id=pen-vol6-dev,serial=pen-vol6,num-queues=1,addr=0x17 \
              -drive driver=null-co,read-zeroes=on,if=none,id=pen-vol7,readonly=on \
-             -device virtio-blk-pci,drive=pen-vol7,id=pen-vol7-dev,serial=pen-vol7,addr=0x18 \
+             -device virtio-blk-pci,drive=pen-vol7,id=pen-vol7-dev,serial=pen-vol7,num-queues=1,addr=0x18 \
              -netdev stream,id=net0,server=off,addr.type=unix,addr.path=/run/pen/dev/net.sock \
              -device virtio-net-pci,netdev=net0,romfile= -device virtio-rng-pci \
              -device virtio-serial-pci,id=vser0 \
@@ -445,7 +446,7 @@ mod tests {
         assert!(
             line.contains(
                 "-drive file=/h/volumes/models.sqfs,if=none,id=pen-vol0,format=raw,readonly=on \
-             -device virtio-blk-pci,drive=pen-vol0,id=pen-vol0-dev,serial=pen-vol0,addr=0x11"
+             -device virtio-blk-pci,drive=pen-vol0,id=pen-vol0-dev,serial=pen-vol0,num-queues=1,addr=0x11"
             ),
             "{line}"
         );
