@@ -4,7 +4,7 @@
 //! is pen-build's (`pen_build::volume`); attaching is the runtime's. Which VMs use a volume
 //! is the CLI's question (it reads every `vm.json`), so this module needs no `vm`.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
@@ -146,7 +146,7 @@ pub struct VolumeInfo {
     pub created_at: u64,
 }
 
-/// Offset and magic of a squashfs superblock's `s_magic` ("hsqs") and `inodes`.
+/// A squashfs superblock starts with this magic, then the inode count (u32, little endian).
 const SQUASHFS_MAGIC: &[u8; 4] = b"hsqs";
 
 /// The inode count of a squashfs image, from its superblock (`None`: not squashfs).
@@ -185,8 +185,8 @@ pub fn info(home: &PenHome, name: &str) -> Option<VolumeInfo> {
     })
 }
 
-/// Every volume, sorted by name. Temporary files of a create in progress (dot names) and
-/// anything that is not `<valid name>.sqfs` are skipped.
+/// Every volume, sorted by name. Anything that is not `<valid name>.sqfs` is skipped, so
+/// the temporary file of a create in progress (`.NAME.sqfs.XXXXXX`) is.
 pub fn list(home: &PenHome) -> Vec<VolumeInfo> {
     let Ok(entries) = std::fs::read_dir(home.volumes()) else {
         return Vec::new();
@@ -202,13 +202,6 @@ pub fn list(home: &PenHome) -> Vec<VolumeInfo> {
         .collect();
     names.sort();
     names.iter().filter_map(|n| info(home, n)).collect()
-}
-
-/// True when `path` is a temporary file of a volume being created (`.NAME.sqfs.tmp...`).
-pub fn is_temporary(path: &Path) -> bool {
-    path.file_name()
-        .and_then(|n| n.to_str())
-        .is_some_and(|n| n.starts_with('.'))
 }
 
 #[cfg(test)]
@@ -330,6 +323,5 @@ mod tests {
                 .contains("no volume named \"data\"; existing volumes: models"),
             "{err}"
         );
-        assert!(is_temporary(&home.volumes().join(".models.sqfs.tmp1")));
     }
 }
