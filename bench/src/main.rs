@@ -10,9 +10,10 @@
 //! * snapshots (see `snapshots.rs`): (s) `pen exec NAME -- true` on a stopped VM restored
 //!   from its image's snapshot, against (a) which boots cold (`--no-snapshot`); (r) time to
 //!   the guest's Ready and (p) to an interactive `pen shell` prompt, cold and restored;
-//!   (m) host memory of 1 and of 4 idle VMs restored from one snapshot.
+//!   (m) host memory of 1 and of 4 idle VMs restored from one snapshot;
+//! * volumes (see `volumes.rs`): (v) snapshot starts with 0 and with 3 volumes attached.
 //!
-//! Usage: `pen-bench [--pen PATH] [--reps N] [--images DIR] [--memory MB]`.
+//! Usage: `pen-bench [--pen PATH] [--reps N] [--images DIR] [--memory MB] [--volumes-only]`.
 //!
 //! `pen-bench net --old PATH ...` (see `net.rs`): TCP throughput both ways, connection setup
 //! and the snapshot start of this pen against another pen binary, alternated in one run.
@@ -32,6 +33,7 @@ use tokio_util::codec::Framed;
 
 mod net;
 mod snapshots;
+mod volumes;
 
 const VM: &str = "bench";
 /// VMs of the multi-VM memory measurement (m).
@@ -43,6 +45,8 @@ struct Opts {
     reps: usize,
     images: Option<PathBuf>,
     memory: u32,
+    /// Only the volume measurement (v).
+    volumes_only: bool,
 }
 
 /// The defaults, and whatever follows on the command line (after `net` for that mode).
@@ -62,12 +66,14 @@ fn default_opts() -> anyhow::Result<Opts> {
         reps: 5,
         images: default_images,
         memory: 2048,
+        volumes_only: false,
     })
 }
 
 fn parse_args(args: impl Iterator<Item = String>) -> anyhow::Result<Opts> {
     let mut opts = default_opts()?;
-    const USAGE: &str = "usage: pen-bench [--pen PATH] [--reps N] [--images DIR] [--memory MB]";
+    const USAGE: &str =
+        "usage: pen-bench [--pen PATH] [--reps N] [--images DIR] [--memory MB] [--volumes-only]";
     let mut args = args;
     while let Some(arg) = args.next() {
         let mut value = || args.next().context("missing value");
@@ -76,6 +82,7 @@ fn parse_args(args: impl Iterator<Item = String>) -> anyhow::Result<Opts> {
             "--reps" => opts.reps = value()?.parse()?,
             "--images" => opts.images = Some(value()?.into()),
             "--memory" => opts.memory = value()?.parse()?,
+            "--volumes-only" => opts.volumes_only = true,
             "-h" | "--help" => {
                 println!("{USAGE}\nMethod and results: bench/README.md");
                 std::process::exit(0);
@@ -125,7 +132,7 @@ impl Env {
     }
 
     /// Whether the VM's lock is held, as `pen list` sees it.
-    fn running(&self) -> anyhow::Result<bool> {
+    fn running_vm(&self, name: &str) -> anyhow::Result<bool> {
         let out = self
             .pen(&["list", "--json"])
             .stdout(Stdio::piped())
@@ -135,14 +142,18 @@ impl Env {
             .as_array()
             .into_iter()
             .flatten()
-            .any(|v| v["name"] == VM && v["status"] == "running"))
+            .any(|v| v["name"] == name && v["status"] == "running"))
     }
 
     fn wait_stopped(&self) -> anyhow::Result<()> {
+        self.wait_stopped_vm(VM)
+    }
+
+    fn wait_stopped_vm(&self, name: &str) -> anyhow::Result<()> {
         let start = Instant::now();
-        while self.running()? {
+        while self.running_vm(name)? {
             if start.elapsed() > Duration::from_secs(120) {
-                bail!("VM {VM} did not stop");
+                bail!("VM {name} did not stop");
             }
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -188,7 +199,10 @@ fn main() -> anyhow::Result<()> {
     let env = make_env(opts, &root)?;
     let result = run(&env);
     // Whatever happened, leave nothing running.
-    for name in std::iter::once(VM).chain(MANY) {
+    for name in std::iter::once(VM)
+        .chain(MANY)
+        .chain(["bench-v0", "bench-v3"])
+    {
         let _ = env.pen(&["stop", "--force", name]).status();
     }
     let _ = std::fs::remove_dir_all(&root);
@@ -200,6 +214,18 @@ fn run(env: &Env) -> anyhow::Result<()> {
     let memory = env.opts.memory.to_string();
     let ws = env.ws.to_string_lossy().into_owned();
     eprintln!("pen-bench: {} ({} reps)", env.opts.pen.display(), reps);
+    if env.opts.volumes_only {
+        let figures = volumes::measure(env, reps)?;
+        println!(
+            "pen bench (volumes only), {}, {} host CPUs, --memory {memory}, medians of {reps}",
+            today(),
+            std::thread::available_parallelism().map_or(0, |n| n.get())
+        );
+        println!("| measure | median |");
+        println!("|---|---|");
+        volumes::print(&figures);
+        return Ok(());
+    }
 
     // First boot: builds the image if needed, formats the overlay, saves the image's
     // snapshot if there is none. Not measured.
@@ -306,16 +332,14 @@ fn run(env: &Env) -> anyhow::Result<()> {
         env.timed(&["delete", "--force", name])?;
     }
 
+    // (v) snapshot starts with 0 and with 3 volumes.
+    let vol = volumes::measure(env, reps)?;
+
     let (a, b, b0, c) = (median(cold), median(floor), median(hello), median(warm));
     let (s_, ra, rs) = (median(snap), median(cold_ready), median(snap_ready));
     let (pa, ps) = (median(cold_prompt), median(snap_prompt));
     let (one, four) = (many_kb[0], many_kb.iter().sum::<u64>());
-    let date = Command::new("date")
-        .arg("-u")
-        .arg("+%Y-%m-%d")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_default();
+    let date = today();
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     let accel = accel_of(&qemu_argv);
     println!(
@@ -370,9 +394,19 @@ fn run(env: &Env) -> anyhow::Result<()> {
         four / 1024,
         four as f64 / one.max(1) as f64
     );
+    volumes::print(&vol);
     println!();
     println!("(d) by process: {}", rows.join("; "));
     Ok(())
+}
+
+fn today() -> String {
+    Command::new("date")
+        .arg("-u")
+        .arg("+%Y-%m-%d")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
 }
 
 /// The virtiofsd and QEMU argv of the last start, from the supervisor's log. The log joins

@@ -75,6 +75,7 @@ fn parse_args(defaults: Opts, args: impl Iterator<Item = String>) -> anyhow::Res
         // Without --old-images, the old pen builds its own base image (not measured).
         images: old_images,
         memory: new.memory,
+        volumes_only: false,
     };
     Ok(NetOpts {
         new,

@@ -7,7 +7,8 @@
 //!   `pen-init` only regenerates the initrd (from the modules kept in `images/modules/`).
 //! * [`sources`]: the host's apt sources, which the base build uses (pen names no mirror).
 //! * [`initrd`]: the newc initrd (pen-init + boot modules in dependency order).
-//! * [`squashfs`]: the `tar2sqfs` packer shared by base and profile images.
+//! * [`squashfs`]: the `tar2sqfs` packer shared by base and profile images and volumes.
+//! * [`volume`]: read-only volumes packed from a host directory or a tar stream.
 //! * [`profile`]: profile images, built in a builder VM; [`build_ca`]: extra CAs for builds
 //!   behind TLS-intercepting proxies.
 
@@ -17,6 +18,7 @@ pub mod initrd;
 pub mod profile;
 pub mod sources;
 mod squashfs;
+pub mod volume;
 
 use pen_core::fsutil::write_atomic;
 use pen_core::image::{BaseImage, BaseManifest};

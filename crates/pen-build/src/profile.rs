@@ -146,6 +146,8 @@ fn build_locked(
         setup_hash: None,
         created_at: now_secs(),
         network,
+        // A builder mounts no volumes: its image must not depend on them.
+        volumes: Vec::new(),
     };
     let vm_paths = VmPaths::new(&builder_home, &vm.name);
     vm.save(&vm_paths)?;

@@ -21,6 +21,11 @@ const STDERR_KEPT: usize = 16 * 1024;
 
 impl Packer {
     pub fn start(out: &Path) -> anyhow::Result<(Packer, ChildStdin)> {
+        Packer::start_with(out, &[])
+    }
+
+    /// [`Packer::start`] with more `tar2sqfs` options (`--block-size N`).
+    pub fn start_with(out: &Path, extra: &[&str]) -> anyhow::Result<(Packer, ChildStdin)> {
         let jobs = std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1)
@@ -34,6 +39,7 @@ impl Packer {
                 "--num-jobs",
                 &jobs,
             ])
+            .args(extra)
             .arg(out)
             .stdin(Stdio::piped())
             .stdout(Stdio::null())

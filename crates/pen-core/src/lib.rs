@@ -6,6 +6,7 @@
 //! * [`names`], [`size`], [`envspec`]: validation of user input.
 //! * [`vm`]: a VM's recorded configuration (`vm.json`), its lock, its status.
 //! * [`profile`]: profile files and their image cache key.
+//! * [`volume`]: read-only volumes: names, guest paths, volume files and their users.
 //! * [`image`]: what an image is: the base image's manifest and files, profile images and
 //!   their status.
 //! * [`fsutil`]: atomic writes, hashing, file helpers; [`progress`]: spinners for long steps.
@@ -21,6 +22,7 @@ pub mod profile;
 pub mod progress;
 pub mod size;
 pub mod vm;
+pub mod volume;
 
 pub use error::UsageError;
 

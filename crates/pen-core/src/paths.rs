@@ -74,6 +74,12 @@ impl PenHome {
     pub fn snapshots(&self) -> PathBuf {
         self.images().join("snapshots")
     }
+    pub fn volumes(&self) -> PathBuf {
+        self.root.join("volumes")
+    }
+    pub fn volume_file(&self, name: &str) -> PathBuf {
+        self.volumes().join(format!("{name}.sqfs"))
+    }
     pub fn vms(&self) -> PathBuf {
         self.root.join("vms")
     }

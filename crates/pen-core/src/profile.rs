@@ -36,6 +36,9 @@ pub struct Profile {
     /// Without it both are `open`.
     #[serde(default)]
     pub network: Option<NetworkSection>,
+    /// Read-only volumes (`"NAME:/guest/path"`) attached to VMs made from the profile.
+    #[serde(default)]
+    pub volumes: Vec<String>,
 }
 
 /// `[network] allow = ["deb.debian.org", "*.example.org"]`: only these names resolve, and
@@ -144,7 +147,25 @@ pub fn parse(path: &Path, text: &str) -> Result<Profile, UsageError> {
             )));
         }
     }
+    let mut mounts = Vec::new();
+    for spec in &profile.volumes {
+        let mount = crate::volume::parse_spec("volumes entry", spec)
+            .map_err(|e| UsageError::new(format!("{}: {e}", locate(&format!("\"{spec}\"")))))?;
+        mounts.push(mount);
+    }
+    crate::volume::check_mounts(&mounts)
+        .map_err(|e| UsageError::new(format!("{}: {e}", locate("volumes"))))?;
     Ok(profile)
+}
+
+impl Profile {
+    /// The profile's `volumes`, parsed (they were checked when it was loaded).
+    pub fn volume_mounts(&self) -> Vec<crate::volume::VolumeMount> {
+        self.volumes
+            .iter()
+            .filter_map(|s| crate::volume::parse_spec("volumes entry", s).ok())
+            .collect()
+    }
 }
 
 /// Debian policy: `[a-z0-9][a-z0-9+.-]+`. Also keeps apt options (`-o...`) out of argv.

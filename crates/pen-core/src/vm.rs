@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::fsutil::write_atomic;
 use crate::paths::{PenHome, VmPaths};
+use crate::volume::VolumeMount;
 
 /// What `vm.json` records.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -36,6 +37,10 @@ pub struct VmConfig {
     /// before pen had a network policy: those VMs are `open`.
     #[serde(default)]
     pub network: NetworkSettings,
+    /// Read-only volumes mounted at each start, in order (at most
+    /// [`crate::volume::MAX_VOLUMES`]).
+    #[serde(default)]
+    pub volumes: Vec<VolumeMount>,
 }
 
 /// A VM's network settings as recorded: plain strings, checked by pen-net's parsers where
@@ -321,6 +326,7 @@ mod tests {
             setup_hash: None,
             created_at: 1,
             network: NetworkSettings::default(),
+            volumes: Vec::new(),
         }
     }
 
@@ -438,6 +444,8 @@ pub struct CreationFlags {
     pub allow_hosts: Option<Vec<String>>,
     /// `--publish` values when any was given (they replace the recorded list).
     pub publish: Option<Vec<String>>,
+    /// `--volume` values when any was given (they replace the recorded list; checked).
+    pub volumes: Option<Vec<VolumeMount>>,
 }
 
 pub const DEFAULT_MEMORY_MB: u32 = 2048;
@@ -469,6 +477,7 @@ pub fn resolve_config(
             setup_hash: None,
             created_at: now_secs(),
             network: network_from_flags(NetworkSettings::default(), flags),
+            volumes: flags.volumes.clone().unwrap_or_default(),
         };
         return (vm, notices);
     };
@@ -507,6 +516,17 @@ pub fn resolve_config(
                 describe_network(&vm.network)
             ));
             vm.network = network;
+        }
+    }
+    if let Some(volumes) = flags.volumes.as_ref().filter(|v| **v != vm.volumes) {
+        changes.push("--volume");
+        if !running {
+            notices.push(format!(
+                "VM {name}'s volumes are now {} (were {})",
+                describe_volumes(volumes),
+                describe_volumes(&vm.volumes)
+            ));
+            vm.volumes = volumes.clone();
         }
     }
     if running && !changes.is_empty() {
@@ -549,6 +569,18 @@ pub fn describe_network(n: &NetworkSettings) -> String {
     }
 }
 
+/// `models:/opt/models, jdk:/opt/jdk`, or `none`, for notices.
+pub fn describe_volumes(volumes: &[VolumeMount]) -> String {
+    if volumes.is_empty() {
+        return "none".into();
+    }
+    volumes
+        .iter()
+        .map(|v| v.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 pub fn host_cpus() -> u32 {
     std::thread::available_parallelism()
         .map(|n| n.get() as u32)
@@ -570,6 +602,7 @@ mod resolve_tests {
             setup_hash: None,
             created_at: 1,
             network: NetworkSettings::default(),
+            volumes: Vec::new(),
         }
     }
 
@@ -610,6 +643,47 @@ mod resolve_tests {
         let (vm, notices) = resolve_config("dev", Some(existing()), &flags, true, Path::new("/x"));
         assert_eq!(vm, existing());
         assert!(notices[0].contains("--cpus, --dir ignored"), "{notices:?}");
+    }
+
+    #[test]
+    fn volumes_change_at_the_next_start_with_a_notice() {
+        let models = VolumeMount {
+            name: "models".into(),
+            path: "/opt/models".into(),
+        };
+        let flags = CreationFlags {
+            volumes: Some(vec![models.clone()]),
+            ..Default::default()
+        };
+        let (vm, notices) = resolve_config("dev", Some(existing()), &flags, false, Path::new("/x"));
+        assert_eq!(vm.volumes, std::slice::from_ref(&models));
+        assert_eq!(
+            notices,
+            ["VM dev's volumes are now models:/opt/models (were none)"]
+        );
+        let (vm2, notices) = resolve_config("dev", Some(existing()), &flags, true, Path::new("/x"));
+        assert!(vm2.volumes.is_empty());
+        assert!(
+            notices[0].contains("--volume ignored: VM dev is running"),
+            "{notices:?}"
+        );
+        // No --volume: the recorded list stays; an empty one clears it.
+        let (vm3, _) = resolve_config(
+            "dev",
+            Some(vm.clone()),
+            &CreationFlags::default(),
+            false,
+            Path::new("/x"),
+        );
+        assert_eq!(vm3.volumes, [models]);
+        let clear = CreationFlags {
+            volumes: Some(Vec::new()),
+            ..Default::default()
+        };
+        let (vm4, _) = resolve_config("dev", Some(vm), &clear, false, Path::new("/x"));
+        assert!(vm4.volumes.is_empty());
+        let new = resolve_config("dev", None, &flags, false, Path::new("/x")).0;
+        assert_eq!(new.volumes.len(), 1);
     }
 
     #[test]

@@ -57,6 +57,10 @@ pub async fn run(started: Instant) {
         Ok(held) => held,
         Err(e) => fail(None, BootError::new("overlay", e)).await,
     };
+    let volumes_held = match boot::disks::hold_volume_slots(Path::new(SYS_PCI)) {
+        Ok(held) => held,
+        Err(e) => fail(None, BootError::new("volumes", e)).await,
+    };
     match boot::modules::load_modules(Path::new(boot::modules::MODULE_DIR)) {
         Ok(n) => step(&format!("{n} modules loaded")),
         Err(e) => fail(None, e).await,
@@ -93,7 +97,7 @@ pub async fn run(started: Instant) {
     // The boot steps below block the thread: let the writer send what is queued first.
     tokio::task::yield_now().await;
 
-    let vm = match configure(&config, overlay_held, &step) {
+    let vm = match configure(&config, overlay_held, &volumes_held, &step) {
         Ok(vm) => vm,
         Err(e) => fail(Some(&link), e).await,
     };
@@ -249,6 +253,7 @@ struct Vm {
 fn configure(
     config: &GuestConfig,
     overlay_held: bool,
+    volumes_held: &[bool],
     step: &dyn Fn(&str),
 ) -> Result<Vm, BootError> {
     boot::system::set_clock(config.clock_secs, config.clock_nanos)?;
@@ -281,6 +286,9 @@ fn configure(
             .map_err(|e| BootError::new("overlay", e))?;
         step("overlay disk bound");
     }
+    // The VM's volumes, on their own thread (see `boot::volumes`); slots the VM does not
+    // use stay without a driver.
+    let volumes = boot::volumes::start(SYS_PCI, &config.volumes, volumes_held)?;
     let dev = boot::disks::wait_for_disk(OVERLAY_DISK_SERIAL)
         .map_err(|e| BootError::new("overlay", e))?;
     step("overlay disk found");
@@ -291,7 +299,14 @@ fn configure(
     step("overlay disk mounted");
     // 5. merged root
     boot::overlay::mount_merged_root()?;
+    if let Some(volumes) = &volumes {
+        volumes.wait_for_disks()?;
+        step("volume disks found");
+    }
     boot::mounts::switch_root(boot::NEWROOT)?;
+    if let Some(volumes) = &volumes {
+        volumes.root_switched();
+    }
     step("merged root");
 
     // 6.-8. stage 2, inside the merged root
@@ -310,6 +325,10 @@ fn configure(
         }
         (None, BootMode::Shell | BootMode::Build) => false,
     };
+    if let Some(volumes) = volumes {
+        volumes.wait_for_mounts()?;
+        step("volumes mounted");
+    }
     let hostname = if config.hostname.is_empty() {
         nix::unistd::gethostname()
             .map(|h| h.to_string_lossy().into_owned())

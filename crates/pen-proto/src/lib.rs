@@ -26,7 +26,8 @@ pub use window::{Credit, Inbound, WindowError, GRANT_THRESHOLD, WINDOW};
 
 /// Bumped whenever a change to [`Message`] is not backwards compatible.
 /// 2: per-session flow control ([`Message::Window`], see [`window`]).
-pub const PROTOCOL_VERSION: u32 = 2;
+/// 3: [`GuestConfig::volumes`] (read-only volumes mounted after the snapshot point).
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Identifies one multiplexed session on a link.
 pub type SessionId = u32;
@@ -57,6 +58,24 @@ pub const OVERLAY_DISK_PCI_SLOT: u8 = 0x10;
 /// The overlay disk's PCI address as sysfs names it (`0000:00:10.0`).
 pub fn overlay_disk_pci_address() -> String {
     format!("0000:00:{OVERLAY_DISK_PCI_SLOT:02x}.0")
+}
+
+/// How many read-only volumes one VM can mount: the number of volume disks every VM's
+/// command line carries (a fixed device layout, so that one snapshot serves every VM).
+pub const VOLUME_SLOTS: usize = 8;
+
+/// PCI slot of volume slot 0; slot `i` sits at `VOLUME_PCI_SLOT_BASE + i`. Held without a
+/// driver until `Config`, like the overlay disk, and bound only when the VM uses the slot.
+pub const VOLUME_PCI_SLOT_BASE: u8 = 0x11;
+
+/// The PCI address (`0000:00:11.0`, ...) of volume slot `slot`.
+pub fn volume_pci_address(slot: usize) -> String {
+    format!("0000:00:{:02x}.0", VOLUME_PCI_SLOT_BASE as usize + slot)
+}
+
+/// The disk serial of volume slot `slot` (`pen-vol0`, ...).
+pub fn volume_disk_serial(slot: usize) -> String {
+    format!("pen-vol{slot}")
 }
 
 /// One unit on the wire.

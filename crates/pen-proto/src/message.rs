@@ -128,6 +128,16 @@ pub struct GuestConfig {
     pub entropy: Vec<u8>,
     /// A fresh machine-id (32 lowercase hex characters) written to `/etc/machine-id`.
     pub machine_id: String,
+    /// Read-only volumes to mount before `Ready`, each on its own disk slot.
+    pub volumes: Vec<GuestVolume>,
+}
+
+/// A read-only volume (squashfs) on disk slot `slot` (see [`crate::VOLUME_SLOTS`]), to be
+/// mounted at `path` (absolute, checked by the host; the guest creates the mount point).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestVolume {
+    pub slot: u8,
+    pub path: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]

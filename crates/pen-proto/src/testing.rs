@@ -9,8 +9,8 @@ use proptest::collection::vec;
 use proptest::prelude::*;
 
 use crate::{
-    BootMode, ExecRequest, ExitStatus, Frame, GuestConfig, Message, SessionId, TtyRequest,
-    WindowSize,
+    BootMode, ExecRequest, ExitStatus, Frame, GuestConfig, GuestVolume, Message, SessionId,
+    TtyRequest, WindowSize,
 };
 
 fn text() -> impl Strategy<Value = String> {
@@ -53,6 +53,10 @@ fn guest_config() -> impl Strategy<Value = GuestConfig> {
         proptest::option::of(text()),
         bytes(32),
         text(),
+        vec(
+            (any::<u8>(), text()).prop_map(|(slot, path)| GuestVolume { slot, path }),
+            0..3,
+        ),
     )
         .prop_map(
             |(
@@ -65,6 +69,7 @@ fn guest_config() -> impl Strategy<Value = GuestConfig> {
                 setup_script,
                 entropy,
                 machine_id,
+                volumes,
             )| {
                 GuestConfig {
                     hostname,
@@ -76,6 +81,7 @@ fn guest_config() -> impl Strategy<Value = GuestConfig> {
                     setup_script,
                     entropy,
                     machine_id,
+                    volumes,
                 }
             },
         )

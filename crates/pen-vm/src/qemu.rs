@@ -14,6 +14,12 @@
 //! workspace device is hot-plugged into the root port over QMP ([`hotplug_commands`]) after
 //! the snapshot point, on cold boots and restores alike: QEMU 7.2 cannot migrate
 //! vhost-user-fs at all.
+//!
+//! Volumes work like the overlay disk: [`pen_proto::VOLUME_SLOTS`] read-only virtio disks
+//! at fixed slots from [`pen_proto::VOLUME_PCI_SLOT_BASE`], held without a driver at the
+//! snapshot point, on every VM's command line whatever it mounts. A slot the VM uses is
+//! backed by the volume's file, an unused one by a `null-co` block node (no file); the
+//! guest binds only the slots its configuration names.
 
 use std::ffi::{OsStr, OsString};
 use std::path::{Path, PathBuf};
@@ -50,7 +56,8 @@ pub const MACHINE: &str = "q35";
 /// QEMU's user network. The virtio-net device is unchanged and a backend is not migrated,
 /// but a guest saved with slirp behind its NIC was saved with whatever link state that
 /// backend gave it; taking each snapshot once more is cheaper than relying on it.
-pub const DEVICE_LAYOUT_VERSION: u32 = 3;
+/// 4: [`pen_proto::VOLUME_SLOTS`] read-only volume disks.
+pub const DEVICE_LAYOUT_VERSION: u32 = 4;
 
 /// The PCIe root port the workspace device is hot-plugged into.
 const WORKSPACE_PORT: &str = "pen-rp-workspace";
@@ -83,6 +90,9 @@ pub struct QemuSpec {
     /// directories. (An `-add-fd` fd set would dup one open file description for every
     /// open, which breaks QEMU's image locking on that reopen.) Set when QEMU is started.
     pub overlay_fd: i32,
+    /// The VM's volume files (squashfs), slot by slot; at most
+    /// [`pen_proto::VOLUME_SLOTS`], the remaining slots get a placeholder.
+    pub volumes: Vec<PathBuf>,
     /// Where the supervisor writes the serial console (`console.log`).
     pub console_log: PathBuf,
     /// Descriptor number, in QEMU's process, of the pipe QEMU writes the serial console
@@ -305,6 +315,33 @@ pub fn args(spec: &QemuSpec) -> Vec<OsString> {
         .into(),
     );
 
+    // Volume slots: the same devices for every VM, so one snapshot serves all; only the
+    // backing differs. One queue each: fewer queues and vectors to set up at each probe,
+    // which runs after every restore (volumes are read by few processes at once). Read-only on both sides (QEMU opens the file read-only, with a
+    // shared lock, and tells the guest the disk is read-only).
+    for slot in 0..pen_proto::VOLUME_SLOTS {
+        a.push("-drive".into());
+        a.push(match spec.volumes.get(slot) {
+            Some(file) => opt_path_suffix(
+                "file=",
+                file,
+                &format!(",if=none,id=pen-vol{slot},format=raw,readonly=on"),
+            ),
+            None => {
+                format!("driver=null-co,read-zeroes=on,if=none,id=pen-vol{slot},readonly=on").into()
+            }
+        });
+        a.push("-device".into());
+        a.push(
+            format!(
+                "virtio-blk-pci,drive=pen-vol{slot},id=pen-vol{slot}-dev,serial={},num-queues=1,addr={:#04x}",
+                pen_proto::volume_disk_serial(slot),
+                usize::from(pen_proto::VOLUME_PCI_SLOT_BASE) + slot
+            )
+            .into(),
+        );
+    }
+
     // The NIC's frames go to pen's network backend, which applies the VM's policy; QEMU's
     // user network (slirp) would map the gateway onto the host's loopback.
     a.push("-netdev".into());
@@ -395,6 +432,7 @@ mod tests {
             guest_debug: false,
             overlay: "/h/vms/dev/overlay.img".into(),
             overlay_fd: 5,
+            volumes: Vec::new(),
             console_log: "/h/vms/dev/console.log".into(),
             console_fd: 4,
             qmp_socket: "/run/pen/dev/qmp.sock".into(),
@@ -444,6 +482,22 @@ mod tests {
              -device virtio-blk-pci,drive=root,serial=pen-root \
              -drive file=/proc/self/fd/5,if=none,id=pen-overlay,format=raw,discard=unmap \
              -device virtio-blk-pci,drive=pen-overlay,id=pen-overlay-dev,serial=pen-overlay,werror=report,rerror=report,addr=0x10 \
+             -drive driver=null-co,read-zeroes=on,if=none,id=pen-vol0,readonly=on \
+             -device virtio-blk-pci,drive=pen-vol0,id=pen-vol0-dev,serial=pen-vol0,num-queues=1,addr=0x11 \
+             -drive driver=null-co,read-zeroes=on,if=none,id=pen-vol1,readonly=on \
+             -device virtio-blk-pci,drive=pen-vol1,id=pen-vol1-dev,serial=pen-vol1,num-queues=1,addr=0x12 \
+             -drive driver=null-co,read-zeroes=on,if=none,id=pen-vol2,readonly=on \
+             -device virtio-blk-pci,drive=pen-vol2,id=pen-vol2-dev,serial=pen-vol2,num-queues=1,addr=0x13 \
+             -drive driver=null-co,read-zeroes=on,if=none,id=pen-vol3,readonly=on \
+             -device virtio-blk-pci,drive=pen-vol3,id=pen-vol3-dev,serial=pen-vol3,num-queues=1,addr=0x14 \
+             -drive driver=null-co,read-zeroes=on,if=none,id=pen-vol4,readonly=on \
+             -device virtio-blk-pci,drive=pen-vol4,id=pen-vol4-dev,serial=pen-vol4,num-queues=1,addr=0x15 \
+             -drive driver=null-co,read-zeroes=on,if=none,id=pen-vol5,readonly=on \
+             -device virtio-blk-pci,drive=pen-vol5,id=pen-vol5-dev,serial=pen-vol5,num-queues=1,addr=0x16 \
+             -drive driver=null-co,read-zeroes=on,if=none,id=pen-vol6,readonly=on \
+             -device virtio-blk-pci,drive=pen-vol6,id=pen-vol6-dev,serial=pen-vol6,num-queues=1,addr=0x17 \
+             -drive driver=null-co,read-zeroes=on,if=none,id=pen-vol7,readonly=on \
+             -device virtio-blk-pci,drive=pen-vol7,id=pen-vol7-dev,serial=pen-vol7,num-queues=1,addr=0x18 \
              -netdev stream,id=net0,server=off,addr.type=unix,addr.path=/run/pen/dev/net.sock \
              -device virtio-net-pci,netdev=net0,romfile= -device virtio-rng-pci \
              -device virtio-serial-pci,id=vser0 \
@@ -451,6 +505,37 @@ mod tests {
              -device virtserialport,bus=vser0.0,chardev=agent,name=org.pen.agent \
              -device pcie-root-port,id=pen-rp-workspace,chassis=1,slot=1"
         );
+    }
+
+    #[test]
+    fn volumes_fill_their_slots_in_order_and_the_rest_are_placeholders() {
+        let mut s = spec(Accel::Tcg);
+        s.volumes = vec![
+            "/h/volumes/models.sqfs".into(),
+            "/h/volumes/a,b.sqfs".into(),
+        ];
+        let line = joined(&s);
+        assert!(
+            line.contains(
+                "-drive file=/h/volumes/models.sqfs,if=none,id=pen-vol0,format=raw,readonly=on \
+             -device virtio-blk-pci,drive=pen-vol0,id=pen-vol0-dev,serial=pen-vol0,num-queues=1,addr=0x11"
+            ),
+            "{line}"
+        );
+        assert!(
+            line.contains("file=/h/volumes/a,,b.sqfs,if=none,id=pen-vol1,"),
+            "{line}"
+        );
+        assert!(line.contains("driver=null-co,read-zeroes=on,if=none,id=pen-vol2,readonly=on"));
+        assert_eq!(line.matches("virtio-blk-pci,drive=pen-vol").count(), 8);
+        // Same devices, whatever backs them: what a snapshot holds does not change.
+        let devices = |line: &str| -> Vec<String> {
+            line.split(" -device ")
+                .skip(1)
+                .map(|d| d.split(' ').next().unwrap().to_string())
+                .collect()
+        };
+        assert_eq!(devices(&line), devices(&joined(&spec(Accel::Tcg))));
     }
 
     #[test]

@@ -88,6 +88,11 @@ pub enum Command {
         #[command(subcommand)]
         command: ImageCommand,
     },
+    /// Read-only volumes: heavy content packed once, mounted by any number of VMs.
+    Volume {
+        #[command(subcommand)]
+        command: VolumeCommand,
+    },
     /// Profiles: list and show.
     Profile {
         #[command(subcommand)]
@@ -115,6 +120,9 @@ impl Command {
                 | Command::Doctor
                 | Command::Completions { .. }
                 | Command::Profile { .. }
+                | Command::Volume {
+                    command: VolumeCommand::List { .. }
+                }
                 | Command::Image {
                     command: ImageCommand::List { .. }
                 }
@@ -141,6 +149,36 @@ pub enum ImageCommand {
     },
     /// Remove stale snapshots (of images, QEMU or pen versions that are gone).
     Prune,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum VolumeCommand {
+    /// Pack a directory (or a tar stream) into volume NAME; re-creating replaces it, and
+    /// VMs running with the old version keep it until they stop.
+    Create {
+        name: String,
+        /// The host directory to pack (modes, symlinks, hard links and sparse files kept;
+        /// owners become root).
+        #[arg(long, value_name = "DIR", required_unless_present = "from_tar")]
+        from: Option<PathBuf>,
+        /// A tar file to pack instead, or - for standard input.
+        #[arg(long = "from-tar", value_name = "FILE", conflicts_with = "from")]
+        from_tar: Option<PathBuf>,
+    },
+    /// List volumes with their size, file count, age and the VMs that use them.
+    #[command(visible_alias = "ls")]
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a volume. Refused while a VM uses it (--force: when those VMs are stopped).
+    Rm {
+        name: String,
+        /// Remove it although stopped VMs name it (their next start fails until it is
+        /// re-created or they start with --volume none).
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -198,4 +236,9 @@ pub struct CreateArgs {
     /// (repeatable; the host side is 127.0.0.1 unless given). `none` clears the list.
     #[arg(long, value_name = "SPEC")]
     pub publish: Vec<String>,
+    /// Mount read-only volume NAME at PATH in the guest (repeatable; `pen volume create`
+    /// makes volumes). Recorded; replaces the recorded list at the next start. `none`
+    /// clears it.
+    #[arg(long = "volume", value_name = "NAME:/PATH")]
+    pub volume: Vec<String>,
 }

@@ -95,6 +95,7 @@ pub fn run(command: Command) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
+        Command::Volume { command } => crate::volumes::run(&home, command),
         Command::Profile {
             command: ProfileCommand::List,
         } => profile_list(&home),
@@ -196,6 +197,9 @@ fn prepare(home: &PenHome, name: Option<&str>, args: &CreateArgs) -> anyhow::Res
                 if flags.network_mode.is_none() {
                     flags.network_mode = crate::network::profile_mode(loaded)?;
                 }
+                if flags.volumes.is_none() && !p.volumes.is_empty() {
+                    flags.volumes = Some(p.volume_mounts());
+                }
             }
             Some(vm) if vm.profile.as_deref() != Some(loaded.name.as_str()) => eprintln!(
                 "pen: --profile {} ignored: VM {name} was created {}; delete it to change its profile",
@@ -210,6 +214,32 @@ fn prepare(home: &PenHome, name: Option<&str>, args: &CreateArgs) -> anyhow::Res
     }
     let (mut config, notices) =
         vm::resolve_config(&name, existing.clone(), &flags, running, &default_dir);
+    if !running {
+        // Every volume the VM will mount at this start exists (flags, profile or record).
+        let from = if !args.volume.is_empty() {
+            "--volume".to_string()
+        } else if existing.is_none() && config.profile.is_some() {
+            format!(
+                "profile {}'s volumes entry",
+                config.profile.as_deref().unwrap_or("")
+            )
+        } else {
+            format!("VM {name}'s volume")
+        };
+        for mount in &config.volumes {
+            pen_core::volume::check_exists(home, &mount.name, &format!("{from} {mount}")).map_err(
+                |e| {
+                    if args.volume.is_empty() && existing.is_some() {
+                        UsageError::new(format!(
+                            "{e}; or start it with --volume none (or other volumes) to change them"
+                        ))
+                    } else {
+                        e
+                    }
+                },
+            )?;
+        }
+    }
     check_shareable(
         home,
         &config.dir,
@@ -323,6 +353,7 @@ fn parse_flags(args: &CreateArgs, dir: Option<PathBuf>) -> anyhow::Result<Creati
         );
     }
     let (network_mode, allow_hosts, publish) = crate::network::parse_flags(args)?;
+    let volumes = crate::volumes::parse_flags(&args.volume)?;
     Ok(CreationFlags {
         dir,
         cpus,
@@ -332,6 +363,7 @@ fn parse_flags(args: &CreateArgs, dir: Option<PathBuf>) -> anyhow::Result<Creati
         network_mode,
         allow_hosts,
         publish,
+        volumes,
     })
 }
 
@@ -439,6 +471,7 @@ fn list(home: &PenHome, json: bool) -> anyhow::Result<i32> {
                     "cpus": vm.cpus, "memory_mb": vm.memory_mb, "disk_size": vm.disk_size,
                     "dir": vm.dir, "created_at": vm.created_at,
                     "network": crate::network::json(&vm.network),
+                    "volumes": vm.volumes,
                 })
             })
             .collect();
@@ -446,18 +479,24 @@ fn list(home: &PenHome, json: bool) -> anyhow::Result<i32> {
         return Ok(0);
     }
     println!(
-        "{:<20} {:<12} {:<8} {:>4} {:>7} {:<16}  DIR",
-        "NAME", "PROFILE", "STATUS", "CPUS", "MEMORY", "NETWORK"
+        "{:<20} {:<12} {:<8} {:>4} {:>7} {:<16} {:<16}  DIR",
+        "NAME", "PROFILE", "STATUS", "CPUS", "MEMORY", "NETWORK", "VOLUMES"
     );
     for (vm, status, _) in rows {
+        let volumes: Vec<&str> = vm.volumes.iter().map(|v| v.name.as_str()).collect();
         println!(
-            "{:<20} {:<12} {:<8} {:>4} {:>7} {:<16}  {}",
+            "{:<20} {:<12} {:<8} {:>4} {:>7} {:<16} {:<16}  {}",
             vm.name,
             vm.profile.as_deref().unwrap_or("-"),
             status,
             vm.cpus,
             format!("{}M", vm.memory_mb),
             vm.network.summary(),
+            if volumes.is_empty() {
+                "-".to_string()
+            } else {
+                volumes.join(",")
+            },
             vm.dir.display()
         );
     }

@@ -6,6 +6,7 @@ mod cli;
 mod commands;
 mod doctor;
 mod network;
+mod volumes;
 
 /// `--env K=V` values out of `/proc/PID/cmdline`, which any user of the host can read: a
 /// `pen shell` lives as long as the session. Before anything else, pen re-executes itself

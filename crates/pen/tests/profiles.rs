@@ -175,6 +175,56 @@ fn a_profile_image_has_its_packages_and_build_output_baked_in() {
 }
 
 #[test]
+fn a_profile_that_names_a_volume_mounts_it_without_a_rebuild() {
+    let pen = Pen::new("prof-volume");
+    shared_image(&pen);
+    let tools = pen.root.join("tools");
+    std::fs::create_dir_all(tools.join("bin")).unwrap();
+    std::fs::write(
+        tools.join("bin/hello"),
+        "#!/bin/sh\necho hello from the volume\n",
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(
+        tools.join("bin/hello"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    pen.run(&[
+        "volume",
+        "create",
+        "tools",
+        "--from",
+        &tools.to_string_lossy(),
+    ])
+    .ok();
+    // Volumes are not part of the image: the shared image serves a profile that adds them.
+    let profile = unique("it-vol");
+    let _own = OwnImage(image_dir(&pen, &profile));
+    copy_shared_image(&pen, &profile);
+    write_profile(
+        &pen,
+        &profile,
+        &format!("{SHARED_IMAGE}volumes = [\"tools:/opt/tools\"]\n"),
+    );
+    let out = exec_profile(
+        &pen,
+        "pvol",
+        &profile,
+        &["sh", "-c", "/opt/tools/bin/hello && jq --version"],
+    )
+    .ok();
+    assert_eq!(builds(&out.stderr, &profile), 0, "built again:\n{out}");
+    let stdout = out.stdout_str();
+    assert!(stdout.starts_with("hello from the volume\njq-1."), "{out}");
+    assert_eq!(
+        pen.row("pvol").unwrap()["volumes"],
+        serde_json::json!([{"name": "tools", "path": "/opt/tools"}])
+    );
+}
+
+#[test]
 fn setup_runs_once_per_vm_and_an_edit_only_reaches_new_vms() {
     let pen = Pen::new("prof-setup");
     shared_image(&pen);

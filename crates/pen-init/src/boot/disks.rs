@@ -1,7 +1,7 @@
 //! Finding devices by role: block devices by their virtio serial, the agent port by name.
 //! Devices appear asynchronously after their driver module loads, so lookups poll.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -93,6 +93,40 @@ pub fn wait_for_disk(serial: &str) -> Result<PathBuf, String> {
     })
 }
 
+/// Waits for the block devices with `serials` and their `/dev` nodes; returns the nodes'
+/// paths in the same order. Each device's serial is read once (a request to the device),
+/// however many disks are awaited and however often the directory is polled.
+pub fn wait_for_disks(serials: &[String]) -> Result<Vec<PathBuf>, String> {
+    let mut known: HashMap<String, String> = HashMap::new();
+    let sys_block = Path::new("/sys/block");
+    poll_for(DEVICE_TIMEOUT, || {
+        for entry in std::fs::read_dir(sys_block).ok()?.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let std::collections::hash_map::Entry::Vacant(slot) = known.entry(name) {
+                // Not readable yet: asked again at the next poll.
+                if let Some(serial) = read_trimmed(&sys_block.join(slot.key()).join("serial")) {
+                    slot.insert(serial);
+                }
+            }
+        }
+        serials
+            .iter()
+            .map(|want| {
+                let name = known.iter().find(|(_, s)| *s == want).map(|(n, _)| n)?;
+                let dev = PathBuf::from("/dev").join(name);
+                std::fs::File::open(&dev).ok().map(|_| dev)
+            })
+            .collect::<Option<Vec<_>>>()
+    })
+    .ok_or_else(|| {
+        format!(
+            "not all disks with serials {} appeared within {}s",
+            serials.join(", "),
+            DEVICE_TIMEOUT.as_secs()
+        )
+    })
+}
+
 /// The driver the overlay disk's PCI function is held for until the configuration arrives.
 const VIRTIO_PCI_DRIVER: &str = "virtio-pci";
 /// A `driver_override` no driver matches.
@@ -104,36 +138,74 @@ const NO_DRIVER: &str = "pen-none";
 /// held (false: the host put no device there, as in the benchmark's floor, and the disk
 /// binds as it appears).
 pub fn hold_overlay_disk(sys_pci: &Path) -> Result<bool, String> {
-    let dev = sys_pci
-        .join("devices")
-        .join(pen_proto::overlay_disk_pci_address());
+    hold_pci_function(
+        sys_pci,
+        &pen_proto::overlay_disk_pci_address(),
+        "the overlay disk",
+    )
+}
+
+/// Before `virtio_pci` loads: holds every volume slot ([`pen_proto::volume_pci_address`])
+/// the way [`hold_overlay_disk`] holds the overlay disk. Returns, per slot, whether it is
+/// held (false: no device there).
+pub fn hold_volume_slots(sys_pci: &Path) -> Result<Vec<bool>, String> {
+    (0..pen_proto::VOLUME_SLOTS)
+        .map(|slot| {
+            hold_pci_function(
+                sys_pci,
+                &pen_proto::volume_pci_address(slot),
+                &format!("volume slot {slot}"),
+            )
+        })
+        .collect()
+}
+
+/// Sets `driver_override` of the PCI function at `address` to a name no driver has.
+fn hold_pci_function(sys_pci: &Path, address: &str, what: &str) -> Result<bool, String> {
+    let dev = sys_pci.join("devices").join(address);
     if !dev.exists() {
         return Ok(false);
     }
     if dev.join("driver").exists() {
         return Err(format!(
-            "the overlay disk ({}) has a driver before stage 1 loaded one (virtio_pci built into the kernel?)",
+            "{what} ({}) has a driver before stage 1 loaded one (virtio_pci built into the kernel?)",
             dev.display()
         ));
     }
     std::fs::write(dev.join("driver_override"), NO_DRIVER)
-        .map_err(|e| format!("holding the overlay disk: {}: {e}", dev.display()))?;
+        .map_err(|e| format!("holding {what}: {}: {e}", dev.display()))?;
     Ok(true)
 }
 
 /// After the configuration arrived: binds the held overlay disk to `virtio-pci`, which
 /// probes it (virtio-blk then reads this VM's disk).
 pub fn release_overlay_disk(sys_pci: &Path) -> Result<(), String> {
-    let address = pen_proto::overlay_disk_pci_address();
-    let dev = sys_pci.join("devices").join(&address);
+    release_pci_function(
+        sys_pci,
+        &pen_proto::overlay_disk_pci_address(),
+        "the overlay disk",
+    )
+}
+
+/// After the configuration arrived: binds held volume slot `slot` to `virtio-pci`.
+pub fn release_volume_slot(sys_pci: &Path, slot: usize) -> Result<(), String> {
+    release_pci_function(
+        sys_pci,
+        &pen_proto::volume_pci_address(slot),
+        &format!("volume slot {slot}"),
+    )
+}
+
+fn release_pci_function(sys_pci: &Path, address: &str, what: &str) -> Result<(), String> {
+    let dev = sys_pci.join("devices").join(address);
     std::fs::write(dev.join("driver_override"), VIRTIO_PCI_DRIVER)
         .and_then(|()| {
             std::fs::write(
                 sys_pci.join("drivers").join(VIRTIO_PCI_DRIVER).join("bind"),
-                &address,
+                address,
             )
         })
-        .map_err(|e| format!("binding the overlay disk ({address}) to {VIRTIO_PCI_DRIVER}: {e}"))
+        .map_err(|e| format!("binding {what} ({address}) to {VIRTIO_PCI_DRIVER}: {e}"))
 }
 
 /// Waits for the virtio-serial port named `port_name` and its `/dev` node.
@@ -246,6 +318,38 @@ mod tests {
         assert!(hold_overlay_disk(&sys)
             .unwrap_err()
             .contains("virtio_pci built into"));
+        std::fs::remove_dir_all(&sys).unwrap();
+    }
+
+    #[test]
+    fn volume_slots_are_held_where_present_and_bound_one_by_one() {
+        let sys = tempdir("vol");
+        std::fs::create_dir_all(sys.join("drivers/virtio-pci")).unwrap();
+        for slot in [0, 2] {
+            std::fs::create_dir_all(
+                sys.join("devices")
+                    .join(pen_proto::volume_pci_address(slot)),
+            )
+            .unwrap();
+        }
+        let held = hold_volume_slots(&sys).unwrap();
+        assert_eq!(held.len(), pen_proto::VOLUME_SLOTS);
+        let held_slots: Vec<usize> = (0..held.len()).filter(|&i| held[i]).collect();
+        assert_eq!(held_slots, [0, 2], "only the slots with a device are held");
+        let dev2 = sys.join("devices/0000:00:13.0");
+        assert_eq!(
+            std::fs::read_to_string(dev2.join("driver_override")).unwrap(),
+            "pen-none"
+        );
+        release_volume_slot(&sys, 2).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(dev2.join("driver_override")).unwrap(),
+            "virtio-pci"
+        );
+        assert_eq!(
+            std::fs::read_to_string(sys.join("drivers/virtio-pci/bind")).unwrap(),
+            "0000:00:13.0"
+        );
         std::fs::remove_dir_all(&sys).unwrap();
     }
 

@@ -7,6 +7,7 @@ pub mod mounts;
 pub mod overlay;
 pub mod prefetch;
 pub mod system;
+pub mod volumes;
 
 use std::fmt;
 

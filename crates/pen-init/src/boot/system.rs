@@ -189,9 +189,49 @@ pub fn mount_workspace(tag: &str) -> Result<(), BootError> {
     }
 }
 
+/// Mounts the squashfs volume on block device `dev` read-only at `path`, creating the mount
+/// point (on the overlay root). `path` comes from the host, which checked it; an absolute
+/// path without `..` is required here too, so a bad one fails the boot with its name.
+pub fn mount_volume(dev: &std::path::Path, path: &str) -> Result<(), BootError> {
+    if !volume_path_ok(path) {
+        return Err(BootError::new(
+            "volumes",
+            format!("refusing mount point {path:?}: not an absolute path without '..'"),
+        ));
+    }
+    std::fs::create_dir_all(path)
+        .map_err(|e| BootError::new("volumes", format!("mkdir {path}: {e}")))?;
+    mount(
+        Some(dev),
+        path,
+        Some("squashfs"),
+        MsFlags::MS_RDONLY | MsFlags::MS_NODEV,
+        None::<&str>,
+    )
+    .map_err(|e| {
+        BootError::new(
+            "volumes",
+            format!("mount {} (squashfs) on {path}: {e}", dev.display()),
+        )
+    })
+}
+
+fn volume_path_ok(path: &str) -> bool {
+    path.starts_with('/') && path != "/" && !path.split('/').any(|c| c == "..")
+}
+
 #[cfg(test)]
 mod tests {
+
     use super::*;
+
+    #[test]
+    fn volume_paths_from_the_host_are_checked_again() {
+        assert!(volume_path_ok("/opt/models"));
+        assert!(!volume_path_ok("opt/models"));
+        assert!(!volume_path_ok("/"));
+        assert!(!volume_path_ok("/opt/../etc"));
+    }
 
     #[test]
     fn hosts_file_replaces_old_name() {

@@ -2,18 +2,21 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use pen_proto::{BootMode, GuestConfig, WORKSPACE_TAG};
+use pen_proto::{BootMode, GuestConfig, GuestVolume, WORKSPACE_TAG};
 
 use super::Params;
 
 /// The per-VM configuration, with a fresh clock, entropy and machine-id.
-pub(super) fn guest_config(name: &str, params: &Params) -> GuestConfig {
-    fresh_guest_config(
-        name,
-        params.env.clone(),
-        params.mode,
-        params.setup_script.clone(),
-    )
+pub(super) fn guest_config(name: &str, params: &Params, volumes: &[GuestVolume]) -> GuestConfig {
+    GuestConfig {
+        volumes: volumes.to_vec(),
+        ..fresh_guest_config(
+            name,
+            params.env.clone(),
+            params.mode,
+            params.setup_script.clone(),
+        )
+    }
 }
 
 /// A guest configuration for VM `hostname` as of now: the host clock, 32 fresh bytes of
@@ -45,5 +48,6 @@ pub fn fresh_guest_config(
         setup_script,
         entropy,
         machine_id: hex::encode(id),
+        volumes: Vec::new(),
     }
 }

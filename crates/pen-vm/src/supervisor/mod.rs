@@ -176,10 +176,18 @@ pub fn main(home: &PenHome, name: &str) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the supervisor runtime")?;
+    // Opened by QEMU at its start: a volume re-created later is a new file (renamed over
+    // this name), and this VM keeps reading the one it opened until it stops.
+    let volume_files = vm
+        .volumes
+        .iter()
+        .map(|v| home.volume_file(&v.name))
+        .collect();
     let result = rt.block_on(serve::run(
         paths.clone(),
         home.snapshots(),
         vm,
+        volume_files,
         params,
         &mut reporter,
     ));

@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use pen_core::paths::VmPaths;
 use pen_core::vm::VmConfig;
-use pen_proto::{BootMode, Frame, GuestConfig, Message, CLIENT_SESSION, CONTROL, PROTOCOL_VERSION};
+use pen_proto::{
+    BootMode, Frame, GuestConfig, GuestVolume, Message, CLIENT_SESSION, CONTROL, PROTOCOL_VERSION,
+};
 use tokio::net::UnixListener;
 use tokio::process::Child;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
@@ -94,16 +96,46 @@ pub(super) struct Sup<'r> {
     pub(super) snapshots: PathBuf,
     pub(super) saver: Option<Saver>,
     pub(super) virtiofsd: Option<Spawned>,
+    /// The VM's volumes, slot by slot, for its configuration.
+    pub(super) volumes: Vec<GuestVolume>,
 }
 
 pub(super) async fn run(
     paths: VmPaths,
     snapshots: PathBuf,
     vm: VmConfig,
+    volume_files: Vec<PathBuf>,
     params: Params,
     reporter: &mut Reporter,
 ) -> anyhow::Result<()> {
     let name = vm.name.clone();
+    if volume_files.len() > pen_proto::VOLUME_SLOTS {
+        anyhow::bail!(
+            "VM {name} names {} volumes; a VM can mount at most {}",
+            volume_files.len(),
+            pen_proto::VOLUME_SLOTS
+        );
+    }
+    for (mount, file) in vm.volumes.iter().zip(&volume_files) {
+        if !file.is_file() {
+            anyhow::bail!(
+                "VM {name} mounts volume {} at {}, which does not exist (no {}); create it with `pen volume create {}` or start with --volume none",
+                mount.name,
+                mount.path,
+                file.display(),
+                mount.name
+            );
+        }
+    }
+    let guest_volumes: Vec<GuestVolume> = vm
+        .volumes
+        .iter()
+        .enumerate()
+        .map(|(slot, v)| GuestVolume {
+            slot: slot as u8,
+            path: v.path.clone(),
+        })
+        .collect();
     prepare_overlay(&paths, &name, vm.disk_size)?;
     let build = params.mode == BootMode::Build;
     if !build && !vm.dir.is_dir() {
@@ -169,6 +201,7 @@ pub(super) async fn run(
             .is_some_and(|v| !v.is_empty() && v != "0"),
         overlay: paths.overlay(),
         overlay_fd: -1,
+        volumes: volume_files,
         console_log: paths.console_log(),
         console_fd: -1,
         qmp_socket: paths.qmp_socket(),
@@ -180,7 +213,7 @@ pub(super) async fn run(
     super::console::start_log(&spec.console_log)?;
     let boot_started = Instant::now();
     let plan = boot::plan(&snapshots, &params, &spec, reporter);
-    let config = || guest_config(&name, &params);
+    let config = || guest_config(&name, &params, &guest_volumes);
     let booted = match boot::boot(plan, spec, virtiofsd.as_mut(), &config, reporter).await {
         Ok(booted) => booted,
         Err(e) => {
@@ -219,6 +252,7 @@ pub(super) async fn run(
         snapshots,
         saver: None,
         virtiofsd: virtiofsd.take(),
+        volumes: guest_volumes,
     };
     sup.keep_running = sup.params.keep_running;
     if !booted.restored {
@@ -580,7 +614,7 @@ impl Sup<'_> {
     }
 
     fn guest_config(&self) -> GuestConfig {
-        guest_config(&self.name, &self.params)
+        guest_config(&self.name, &self.params, &self.volumes)
     }
 
     pub(super) fn send_guest(&self, frame: Frame) {
