@@ -89,6 +89,7 @@ pub(crate) fn sweep_if_idle(images: &Path) {
 /// scratch directories, `.initrd-*` temporaries). Called under the build lock: no live build
 /// owns them.
 fn sweep_dead_builds(images: &Path) {
+    pen_core::fsutil::sweep_temporaries(images);
     let Ok(entries) = std::fs::read_dir(images) else {
         return;
     };

@@ -317,6 +317,7 @@ fn build_locked(
 /// (a pen older than builders that die with it left them). Called under the profile's build
 /// lock: no live build owns one.
 fn sweep_dead_builds(dir: &Path) {
+    pen_core::fsutil::sweep_temporaries(dir);
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };

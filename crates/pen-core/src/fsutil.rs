@@ -25,6 +25,9 @@ pub fn write_atomic(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
     tmp.write_all(contents)
         .and_then(|_| tmp.as_file().sync_all())
         .with_context(|| format!("writing {}", path.display()))?;
+    if let Some(name) = path.file_name() {
+        crate::testpoint::pause(&format!("write {}", name.to_string_lossy()));
+    }
     tmp.persist(path)
         .with_context(|| format!("renaming into {}", path.display()))?;
     sync_dir(dir);

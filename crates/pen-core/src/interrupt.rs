@@ -8,7 +8,8 @@
 //! signals are caught: a dedicated thread runs every action, newest first (a packer is killed
 //! before the VM feeding it, the VM before its directory is removed), then ends the process
 //! with 128 + the signal's number. With nothing registered the signals keep their previous
-//! disposition, so `pen shell` and `pen exec` (which forward them to the guest) are untouched.
+//! disposition, so `pen shell` and `pen exec` (which forward them to the guest) are untouched;
+//! a signal ignored when `pen` started (`nohup`) stays ignored.
 //!
 //! The main thread keeps running meanwhile and fails as the things it waits on vanish;
 //! `pen` calls [`park_if_interrupted`] before reporting an error, so it neither prints that
@@ -82,8 +83,15 @@ pub fn on_interrupt(action: impl FnOnce() + Send + 'static) -> Registration {
         let mut previous = Vec::new();
         for sig in SIGNALS {
             // SAFETY: `on_signal` only calls async-signal-safe functions.
-            if let Ok(old) = unsafe { sigaction(sig, &ours) } {
-                previous.push((sig, old));
+            match unsafe { sigaction(sig, &ours) } {
+                // Ignored when pen started (`nohup`, a background job of a script): it
+                // stays ignored, as with any Unix tool.
+                Ok(old) if old.handler() == SigHandler::SigIgn => {
+                    // SAFETY: restores the disposition sigaction just returned.
+                    let _ = unsafe { sigaction(sig, &old) };
+                }
+                Ok(old) => previous.push((sig, old)),
+                Err(_) => {}
             }
         }
         reg.previous = Some(previous);

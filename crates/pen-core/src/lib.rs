@@ -22,6 +22,7 @@ pub mod paths;
 pub mod profile;
 pub mod progress;
 pub mod size;
+pub mod testpoint;
 pub mod vm;
 
 pub use error::UsageError;

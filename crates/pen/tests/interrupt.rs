@@ -32,7 +32,7 @@ fn profile_text() -> String {
 /// Where an interrupted build is when the signal comes.
 #[derive(Debug, Clone, Copy)]
 enum Point {
-    /// The builder's supervisor is up and QEMU boots (its console log has begun).
+    /// The builder's supervisor has started QEMU, which boots.
     Booting,
     /// The builder is ready and `apt-get update` runs.
     AptUpdate,
@@ -46,8 +46,11 @@ impl Point {
     fn reached(self, scratch: &Path) -> bool {
         let log = std::fs::read_to_string(scratch.join("build.log")).unwrap_or_default();
         match self {
-            Point::Booting => std::fs::metadata(scratch.join("vms/builder/console.log"))
-                .is_ok_and(|m| m.len() > 0),
+            Point::Booting => {
+                let sup = std::fs::read_to_string(scratch.join("vms/builder/supervisor.log"))
+                    .unwrap_or_default();
+                sup.contains("supervisor: starting qemu") && !log.contains("pen: step")
+            }
             Point::AptUpdate => log.contains("pen: step apt-get update"),
             Point::Script => log.contains(MARKER),
             Point::Packing => {
@@ -95,10 +98,25 @@ fn mounts_under(root: &Path) -> Vec<String> {
         .collect()
 }
 
+/// `pen ARGS` in the background with SIGINT at its default: a test run from a script's
+/// background job inherits it ignored, and pen leaves an ignored SIGINT ignored.
+fn spawn(pen: &Pen, args: &[String]) -> Running {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = pen.cmd(args);
+    // SAFETY: signal(2) is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::signal(libc::SIGINT, libc::SIG_DFL);
+            Ok(())
+        });
+    }
+    spawn_cmd(cmd, Some(b"echo shell-ran\n".to_vec()))
+}
+
 /// Starts `args` and waits for its build to reach `point`; returns the command and the
 /// build's scratch directory.
 fn run_to(pen: &Pen, profile: &str, args: &[String], point: Point) -> (Running, PathBuf) {
-    let mut run = pen.spawn(args, Some(b"echo shell-ran\n"));
+    let mut run = spawn(pen, args);
     let start = Instant::now();
     loop {
         if let Some(scratch) = scratch_dirs(pen, profile)
@@ -213,10 +231,11 @@ fn interrupted_builds_leave_nothing_behind() {
 
     // Interrupted while its VM boots (the image is built now): pen ends at once and the
     // VM, whose only client went away, stops by itself.
-    let mut run = pen.spawn(&shell, Some(b"echo shell-ran\n"));
-    let console = pen.vm_dir("cold").join("console.log");
+    let mut run = spawn(&pen, &shell);
+    let log = pen.vm_dir("cold").join("supervisor.log");
     let booting = wait_until(TIMEOUT, || {
-        std::fs::metadata(&console).is_ok_and(|m| m.len() > 0) || run.try_wait().is_some()
+        std::fs::read_to_string(&log).is_ok_and(|l| l.contains("supervisor: starting qemu"))
+            || run.try_wait().is_some()
     });
     assert!(booting && run.try_wait().is_none(), "the VM did not boot");
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(run.pid() as i32), Signal::SIGINT).unwrap();
@@ -236,4 +255,247 @@ fn interrupted_builds_leave_nothing_behind() {
 
     drop(pen);
     let _ = std::fs::remove_dir_all(own_image);
+}
+
+/// The state letter of /proc/PID/stat (`T`: stopped), if the process exists.
+fn proc_state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat[stat.rfind(')')? + 1..].trim_start().chars().next()
+}
+
+/// The supervisor of the test's VM `name`, if one runs.
+fn supervisor_pid(pen: &Pen, name: &str) -> Option<u32> {
+    pen.leftover_processes()
+        .into_iter()
+        .find(|p| {
+            p.argv.get(1).is_some_and(|a| a == "__supervise")
+                && p.argv.get(2).is_some_and(|a| a == name)
+        })
+        .map(|p| p.pid)
+}
+
+/// `pen ARGS` with `PEN_TEST_PAUSE=point` (see `pen_core::testpoint`): pen, or the VM's
+/// supervisor, stops itself there.
+fn spawn_paused(pen: &Pen, args: &[String], point: &str) -> Running {
+    let mut cmd = pen.cmd(args);
+    cmd.env("PEN_TEST_PAUSE", point);
+    spawn_cmd(cmd, None)
+}
+
+/// Waits until VM `name`'s supervisor has stopped itself at `point`; returns its pid.
+fn supervisor_paused(pen: &Pen, name: &str, point: &str, run: &mut Running) -> u32 {
+    let log = pen.vm_dir(name).join("supervisor.log");
+    let mut found = None;
+    let ok = wait_until(TIMEOUT, || {
+        found = supervisor_pid(pen, name).filter(|pid| {
+            proc_state(*pid) == Some('T')
+                && std::fs::read_to_string(&log)
+                    .is_ok_and(|l| l.contains(&format!("test pause at {point} (pid {pid})")))
+        });
+        found.is_some() || run.try_wait().is_some()
+    });
+    assert!(
+        ok && found.is_some(),
+        "the supervisor of {name} never paused at {point}"
+    );
+    found.unwrap()
+}
+
+fn cont(pid: u32) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGCONT).unwrap();
+}
+
+/// Snapshot temporaries (`.tmp-*`) in the shared snapshot store.
+fn snapshot_tmps(pen: &Pen) -> Vec<PathBuf> {
+    std::fs::read_dir(pen.home.join("images/snapshots"))
+        .map(|r| {
+            r.flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with(".tmp-"))
+                .map(|e| e.path())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The saved snapshots of VMs with `memory` MB (this test's own size).
+fn own_snapshots(pen: &Pen, memory: u32) -> Vec<PathBuf> {
+    std::fs::read_dir(pen.home.join("images/snapshots"))
+        .map(|r| {
+            r.flatten()
+                .map(|e| e.path())
+                .filter(|p| {
+                    std::fs::read(p.join("snapshot.json"))
+                        .ok()
+                        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                        .is_some_and(|m| m["identity"]["memory_mb"] == memory)
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn sigkill_of_pen_supervisor_or_qemu_loses_no_synced_data() {
+    let pen = Pen::new("kill9");
+    // A memory size no other test uses gives the VM snapshots of its own: its first start
+    // with snapshots saves one.
+    let memory = 1024 + 8 * (1 + random_bytes(1)[0] as u32 % 60);
+    let mem = memory.to_string();
+    let vm = "k";
+    // The test's own flags (VM_FLAGS but for the memory); step 2 changes `--cpus`.
+    pen.vm(vm);
+    let ws = pen.ws.to_string_lossy().into_owned();
+    let flags = |verb: &str, cpus: &str| -> Vec<String> {
+        [
+            verb,
+            vm,
+            "--dir",
+            &ws,
+            "--memory",
+            &mem,
+            "--disk-size",
+            "2G",
+            "--cpus",
+            cpus,
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let exec_on = |cpus: &str, extra: &[&str], command: &str| -> Vec<String> {
+        let mut args = flags("exec", cpus);
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args.extend(["--", "sh", "-c", command].map(String::from));
+        args
+    };
+    let exec = |extra: &[&str], command: &str| exec_on("1", extra, command);
+    let read_back = |what: &str, want: &str| {
+        pen.wait_status(vm, "stopped", TIMEOUT);
+        let out = pen.run(&exec(&[], "cat /root/synced")).ok();
+        assert_eq!(out.stdout_str().trim(), want, "after {what}:\n{out}");
+    };
+
+    // 1. The supervisor killed while it creates the overlay disk (created, not yet sized).
+    let mut run = spawn_paused(&pen, &exec(&["--no-snapshot"], "true"), "overlay created");
+    let sup = supervisor_paused(&pen, vm, "overlay created", &mut run);
+    kill9(sup);
+    let out = run.wait(TIMEOUT);
+    assert_ne!(out.code, Some(0), "{out}");
+    let write = "echo one > /root/synced; sync";
+    pen.wait_status(vm, "stopped", TIMEOUT);
+    pen.run(&exec(&["--no-snapshot"], write)).ok();
+
+    // 2. pen killed while it rewrites vm.json (a changed flag): the old one stays whole, and
+    // the next start sweeps the temporary.
+    let config = std::fs::read(pen.vm_dir(vm).join("vm.json")).unwrap();
+    let run = spawn_paused(
+        &pen,
+        &exec_on("2", &["--no-snapshot"], "true"),
+        "write vm.json",
+    );
+    let pid = run.pid();
+    assert!(
+        wait_until(TIMEOUT, || proc_state(pid) == Some('T')),
+        "pen never paused"
+    );
+    kill9(pid);
+    run.wait(TIMEOUT);
+    assert_eq!(
+        std::fs::read(pen.vm_dir(vm).join("vm.json")).unwrap(),
+        config
+    );
+    let temporary = pen
+        .vm_dir(vm)
+        .join(".pen-tmp-")
+        .to_string_lossy()
+        .into_owned();
+    let temporaries = || -> Vec<PathBuf> {
+        std::fs::read_dir(pen.vm_dir(vm))
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.to_string_lossy().starts_with(&temporary))
+            .collect()
+    };
+    assert_eq!(
+        temporaries().len(),
+        1,
+        "no temporary: the test proves nothing"
+    );
+
+    // 3. The supervisor killed at a snapshot save, its files written, not yet in place
+    // (this is the first start of the VM's size with snapshots).
+    let mut run = spawn_paused(&pen, &exec(&[], "cat /root/synced"), "snapshot commit");
+    let sup = supervisor_paused(&pen, vm, "snapshot commit", &mut run);
+    assert!(
+        temporaries().is_empty(),
+        "the start did not sweep vm.json's temporary"
+    );
+    let tmps = snapshot_tmps(&pen);
+    kill9(sup);
+    run.wait(TIMEOUT);
+    assert!(
+        !tmps.is_empty(),
+        "no snapshot being written: the test proves nothing"
+    );
+    read_back("a supervisor killed at a snapshot save", "one");
+    // The save ends on a thread; the supervisor waits for it before it exits.
+    pen.wait_status(vm, "stopped", TIMEOUT);
+    for tmp in &tmps {
+        assert!(!tmp.exists(), "{} was not swept", tmp.display());
+    }
+    assert_eq!(
+        own_snapshots(&pen, memory).len(),
+        1,
+        "the next start saved no snapshot"
+    );
+
+    // 4. QEMU killed at a snapshot save (the guest stopped, its state not yet sent).
+    for snap in own_snapshots(&pen, memory) {
+        std::fs::remove_dir_all(snap).unwrap();
+    }
+    let mut run = spawn_paused(&pen, &exec(&[], "cat /root/synced"), "snapshot migrate");
+    let sup = supervisor_paused(&pen, vm, "snapshot migrate", &mut run);
+    for qemu in pen.qemu_pids(vm) {
+        kill9(qemu);
+    }
+    cont(sup);
+    run.wait(TIMEOUT);
+    read_back("QEMU killed at a snapshot save", "one");
+
+    // 5. pen killed while its VM's supervisor saves a snapshot: the save completes and the
+    // VM, left without clients, stops by itself; the next start restores it.
+    for snap in own_snapshots(&pen, memory) {
+        std::fs::remove_dir_all(snap).unwrap();
+    }
+    let mut run = spawn_paused(&pen, &exec(&[], "cat /root/synced"), "snapshot commit");
+    let sup = supervisor_paused(&pen, vm, "snapshot commit", &mut run);
+    kill9(run.pid());
+    run.wait(TIMEOUT);
+    cont(sup);
+    read_back("pen killed during a snapshot save", "one");
+    pen.wait_status(vm, "stopped", TIMEOUT);
+    assert_eq!(
+        own_snapshots(&pen, memory).len(),
+        1,
+        "the save did not complete"
+    );
+
+    // 6. The supervisor, then QEMU, killed while the VM runs, after a write and a sync.
+    for (victim, data) in [("supervisor", "two"), ("qemu", "three")] {
+        pen.run(&flags("start", "1")).ok();
+        pen.run(&exec(&[], &format!("echo {data} > /root/synced; sync")))
+            .ok();
+        match victim {
+            "supervisor" => kill9(supervisor_pid(&pen, vm).expect("a supervisor")),
+            _ => pen.qemu_pids(vm).into_iter().for_each(kill9),
+        }
+        read_back(&format!("{victim} killed while running"), data);
+    }
+    assert!(
+        wait_until(Duration::from_secs(60), || pen.status(vm) == "stopped"),
+        "VM {vm} did not stop"
+    );
+    for snap in own_snapshots(&pen, memory) {
+        let _ = std::fs::remove_dir_all(snap);
+    }
 }

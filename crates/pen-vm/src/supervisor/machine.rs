@@ -268,6 +268,7 @@ impl Stage1 {
                 json!({"max-bandwidth": 1u64 << 40}),
             )
             .await?;
+        pen_core::testpoint::pause("snapshot migrate");
         let sock = runtime.join("migrate.sock");
         let _ = std::fs::remove_file(&sock);
         let listener = UnixListener::bind(&sock).context("binding the migration socket")?;

@@ -103,6 +103,8 @@ pub(super) async fn run(
     reporter: &mut Reporter,
 ) -> anyhow::Result<()> {
     let name = vm.name.clone();
+    // We hold the VM's lock: a `write_atomic` temporary here whose pen is gone is litter.
+    pen_core::fsutil::sweep_temporaries(&paths.dir);
     prepare_overlay(&paths, &name, vm.disk_size)?;
     let build = params.mode == BootMode::Build;
     if !build && !vm.dir.is_dir() {
