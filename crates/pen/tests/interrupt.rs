@@ -253,8 +253,16 @@ fn interrupted_builds_leave_nothing_behind() {
     let out = run_cmd(pen.cmd(&shell), Some(b"echo shell-ran\n".to_vec()), TIMEOUT).ok();
     assert!(out.stdout_str().contains("shell-ran"), "{out}");
 
-    drop(pen);
-    let _ = std::fs::remove_dir_all(own_image);
+    // The image and its snapshot live in the images every test shares.
+    let in_profile_dir = format!("/images/profiles/{profile}/");
+    for snap in snapshots_where(&pen, |m| {
+        m["boot_files"]["rootfs"]["path"]
+            .as_str()
+            .is_some_and(|p| p.contains(&in_profile_dir))
+    }) {
+        let _ = std::fs::remove_dir_all(snap);
+    }
+    let _ = std::fs::remove_dir_all(&own_image);
 }
 
 /// The state letter of /proc/PID/stat (`T`: stopped), if the process exists.
@@ -313,8 +321,8 @@ fn snapshot_tmps(pen: &Pen) -> Vec<PathBuf> {
         .unwrap_or_default()
 }
 
-/// The saved snapshots of VMs with `memory` MB (this test's own size).
-fn own_snapshots(pen: &Pen, memory: u32) -> Vec<PathBuf> {
+/// The saved snapshots whose manifest satisfies `mine`.
+fn snapshots_where(pen: &Pen, mine: impl Fn(&serde_json::Value) -> bool) -> Vec<PathBuf> {
     std::fs::read_dir(pen.home.join("images/snapshots"))
         .map(|r| {
             r.flatten()
@@ -323,11 +331,16 @@ fn own_snapshots(pen: &Pen, memory: u32) -> Vec<PathBuf> {
                     std::fs::read(p.join("snapshot.json"))
                         .ok()
                         .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-                        .is_some_and(|m| m["identity"]["memory_mb"] == memory)
+                        .is_some_and(|m| mine(&m))
                 })
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// The saved snapshots of VMs with `memory` MB (this test's own size).
+fn own_snapshots(pen: &Pen, memory: u32) -> Vec<PathBuf> {
+    snapshots_where(pen, |m| m["identity"]["memory_mb"] == memory)
 }
 
 #[test]
