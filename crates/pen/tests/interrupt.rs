@@ -346,9 +346,12 @@ fn own_snapshots(pen: &Pen, memory: u32) -> Vec<PathBuf> {
 #[test]
 fn sigkill_of_pen_supervisor_or_qemu_loses_no_synced_data() {
     let pen = Pen::new("kill9");
-    // A memory size no other test uses gives the VM snapshots of its own: its first start
-    // with snapshots saves one.
-    let memory = 1024 + 8 * (1 + random_bytes(1)[0] as u32 % 60);
+    // A memory size no other test uses (snapshot.rs takes 1024-1064) gives the VM snapshots
+    // of its own: its first start with snapshots saves one. A failed run may have left one.
+    let memory = 1096;
+    for snap in own_snapshots(&pen, memory) {
+        std::fs::remove_dir_all(snap).unwrap();
+    }
     let mem = memory.to_string();
     let vm = "k";
     // The test's own flags (VM_FLAGS but for the memory); step 2 changes `--cpus`.
