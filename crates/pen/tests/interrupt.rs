@@ -204,6 +204,14 @@ fn interrupted_builds_leave_nothing_behind() {
     let shell = pen.create_args("shell", "cold", &["--profile", &profile]);
     interrupt_at(&pen, &profile, &shell, Point::Script, Signal::SIGINT);
 
+    // Nothing of an image: the packer wrote into the scratch, which went with it.
+    for file in ["rootfs.sqfs", "image.json", "build.hash"] {
+        assert!(
+            !own_image.join(file).exists(),
+            "an interrupted build left {file}"
+        );
+    }
+
     // SIGKILL: no teardown runs, but the builder VM dies with pen; its scratch directory
     // stays for the next build to sweep.
     let (run, scratch) = run_to(&pen, &profile, &build, Point::Script);
