@@ -59,12 +59,47 @@ fn lock_builds(images: &Path) -> anyhow::Result<Flock<File>> {
         .write(true)
         .open(images.join(".build.lock"))
         .context("opening the image build lock")?;
-    match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-        Ok(lock) => Ok(lock),
+    let lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => lock,
         Err((file, _)) => {
             eprintln!("pen: another pen is building the image; waiting for it");
             Flock::lock(file, FlockArg::LockExclusive)
-                .map_err(|(_, e)| anyhow::anyhow!("locking image builds: {e}"))
+                .map_err(|(_, e)| anyhow::anyhow!("locking image builds: {e}"))?
+        }
+    };
+    sweep_dead_builds(images);
+    Ok(lock)
+}
+
+/// [`sweep_dead_builds`] when no build runs (the build lock is free), else nothing: the
+/// next start sweeps. Every start that needs the base image calls it.
+pub(crate) fn sweep_if_idle(images: &Path) {
+    let Ok(file) = std::fs::OpenOptions::new()
+        .write(true)
+        .open(images.join(".build.lock"))
+    else {
+        return;
+    };
+    if let Ok(_lock) = Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        sweep_dead_builds(images);
+    }
+}
+
+/// Removes what builds killed before they could clean up left in `images` (`.tmp-base-*`
+/// scratch directories, `.initrd-*` temporaries). Called under the build lock: no live build
+/// owns them.
+fn sweep_dead_builds(images: &Path) {
+    pen_core::fsutil::sweep_temporaries(images);
+    let Ok(entries) = std::fs::read_dir(images) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let path = entry.path();
+        if name.starts_with(".tmp-base-") {
+            let _ = pen_core::fsutil::remove_tree(&path);
+        } else if name.starts_with(".initrd-") {
+            let _ = std::fs::remove_file(&path);
         }
     }
 }
@@ -74,6 +109,11 @@ fn build_into(home: &PenHome, progress: &Progress) -> anyhow::Result<BaseImage> 
     let tmp = tempfile::Builder::new()
         .prefix(".tmp-base-")
         .tempdir_in(&images)?;
+    // Interrupted: the scratch goes (after mmdebstrap and the packer, registered later).
+    let tmp_path = tmp.path().to_path_buf();
+    let _undo = pen_core::interrupt::on_interrupt(move || {
+        let _ = pen_core::fsutil::remove_tree(&tmp_path);
+    });
     let log_path = images.join("base-build.log");
     let mut log = pen_core::fsutil::create_private_file(&log_path)
         .with_context(|| format!("creating {}", log_path.display()))?;
@@ -216,12 +256,19 @@ fn write_initrd(modules_dir: &Path, out: &Path) -> anyhow::Result<()> {
 /// Runs a command, showing its output lines as progress and keeping them in the log.
 fn run_logged(mut cmd: Command, progress: &Progress, log: &mut File) -> anyhow::Result<()> {
     let program = cmd.get_program().to_string_lossy().into_owned();
+    // mmdebstrap cleans up (its mounts, its temporary root) on SIGTERM: it gets one when
+    // pen dies, and when pen is interrupted pen waits for that cleanup.
+    crate::squashfs::die_with_parent(&mut cmd, libc::SIGTERM);
     let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .with_context(|| format!("starting {program}"))?;
+    let pid = child.id();
+    let _undo = pen_core::interrupt::on_interrupt(move || {
+        pen_core::interrupt::terminate(pid, std::time::Duration::from_secs(60))
+    });
     // mmdebstrap talks on stderr; merge stdout in from a thread.
     let stdout = child.stdout.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel::<String>();

@@ -49,6 +49,7 @@ pub const BASE_PACKAGES: &[&str] = &[
 /// The base image, built first if missing or damaged, its initrd refreshed if this pen
 /// carries a different pen-init.
 pub fn ensure_base(home: &PenHome) -> anyhow::Result<BaseImage> {
+    base::sweep_if_idle(&home.images());
     match BaseImage::load(home) {
         Some(image) if image.manifest.pen_init_sha256 == pen_init_sha256() => Ok(image),
         Some(image) => base::refresh_initrd(home, image),

@@ -76,6 +76,7 @@ pub fn build(home: &PenHome, profile: &LoadedProfile, base: &BaseImage) -> anyho
             lock
         }
     };
+    sweep_dead_builds(&dir);
     let progress = Progress::start(&format!("building profile {}'s image", profile.name));
     let result = build_locked(home, profile, base, extra_ca.as_ref(), &progress);
     match &result {
@@ -126,6 +127,10 @@ fn build_locked(
         .prefix(".build-")
         .tempdir_in(&dir)?;
     let builder_home = PenHome::at(scratch.path());
+    // Interrupted (SIGINT, SIGTERM, SIGHUP): the builder VM and the scratch go. Dropped
+    // before `scratch`, which removes the directory on the way out otherwise.
+    let scratch_path = scratch.path().to_path_buf();
+    let _undo = pen_core::interrupt::on_interrupt(move || discard_scratch(&scratch_path));
     let log_tmp = scratch.path().join("build.log");
     // Capped: the build's output is the builder guest's to choose.
     let mut log = CappedLog::start(&log_tmp, BUILD_LOG_MAX)?;
@@ -176,6 +181,7 @@ fn build_locked(
     impl Drop for StopOnDrop<'_> {
         fn drop(&mut self) {
             let _ = client::stop(self.0, "builder", true);
+            VmPaths::new(self.0, "builder").remove_runtime();
         }
     }
     let _stop = StopOnDrop(&builder_home);
@@ -306,6 +312,33 @@ fn build_locked(
     keep_log(&log_tmp, &dir);
     write_atomic(&dir.join("build.hash"), format!("{key}\n").as_bytes())?;
     Ok(rootfs)
+}
+
+/// Removes the scratch directories (`.build-*`) of builds that died without cleaning up (a
+/// `pen` killed with SIGKILL, a power loss), first ending a builder VM still running in one
+/// (a pen older than builders that die with it left them). Called under the profile's build
+/// lock: no live build owns one.
+fn sweep_dead_builds(dir: &Path) {
+    pen_core::fsutil::sweep_temporaries(dir);
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let dead = entry.file_name().to_string_lossy().starts_with(".build-")
+            && entry.file_type().is_ok_and(|t| t.is_dir());
+        if dead {
+            discard_scratch(&entry.path());
+        }
+    }
+}
+
+/// Ends the builder VM of the scratch directory `scratch` (a private PEN_HOME) and removes
+/// its runtime directory and the scratch itself.
+fn discard_scratch(scratch: &Path) {
+    client::kill_now(&PenHome::at(scratch), "builder");
+    if let Err(e) = pen_core::fsutil::remove_tree(scratch) {
+        eprintln!("pen: removing {}: {e}", scratch.display());
+    }
 }
 
 /// The builder VM's network: the profile's `[network]` (checked here, naming the profile

@@ -11,6 +11,8 @@ use anyhow::Context;
 /// A running `tar2sqfs` writing `out`; feed it tar on [`Packer::input`], then [`Packer::finish`].
 pub struct Packer {
     child: Child,
+    /// Kills the packer when `pen` is interrupted (see [`pen_core::interrupt`]).
+    _undo: pen_core::interrupt::Registration,
     /// Drains the packer's stderr as it comes (a chatty packer must never block on a full
     /// pipe while we feed its stdin); keeps the last [`STDERR_KEPT`] bytes.
     stderr: JoinHandle<Vec<u8>>,
@@ -30,7 +32,9 @@ impl Packer {
             .map(|n| n.get())
             .unwrap_or(1)
             .to_string();
-        let mut child = Command::new("tar2sqfs")
+        let mut cmd = Command::new("tar2sqfs");
+        die_with_parent(&mut cmd, libc::SIGKILL);
+        let mut child = cmd
             .args([
                 "--quiet",
                 "--force",
@@ -49,7 +53,22 @@ impl Packer {
         let input = child.stdin.take().expect("stdin is piped");
         let mut pipe = child.stderr.take().expect("stderr is piped");
         let stderr = std::thread::spawn(move || drain_keeping_tail(&mut pipe, STDERR_KEPT));
-        Ok((Packer { child, stderr }, input))
+        let pid = child.id();
+        let _undo = pen_core::interrupt::on_interrupt(move || {
+            pen_core::interrupt::kill_tree(
+                pid,
+                nix::sys::signal::Signal::SIGKILL,
+                std::time::Duration::from_secs(5),
+            )
+        });
+        Ok((
+            Packer {
+                child,
+                _undo,
+                stderr,
+            },
+            input,
+        ))
     }
 
     /// Waits for the packer (its input must be dropped first). `Err` holds its last words.
@@ -66,6 +85,26 @@ impl Packer {
             .trim()
             .to_string();
         Ok(Err(format!("tar2sqfs failed ({status}): {last}")))
+    }
+}
+
+/// Makes the program `cmd` starts receive `signal` when the spawning thread (pen's main
+/// thread, which runs the builds) ends: a `pen` killed with SIGKILL takes it along.
+pub(crate) fn die_with_parent(cmd: &mut Command, signal: libc::c_int) {
+    use std::os::unix::process::CommandExt;
+    let parent = std::process::id();
+    // SAFETY: prctl, getppid and _exit are async-signal-safe.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, signal as libc::c_ulong) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The parent may have died before prctl took effect.
+            if libc::getppid() as u32 != parent {
+                libc::_exit(1);
+            }
+            Ok(())
+        });
     }
 }
 

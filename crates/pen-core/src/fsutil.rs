@@ -11,19 +11,68 @@ use anyhow::Context;
 use sha2::{Digest, Sha256};
 
 /// Writes `contents` to a temporary file beside `path`, fsyncs it and renames it into place.
+/// The temporary's name carries this process's pid ([`TEMP_PREFIX`]): one left by a killed
+/// `pen` is removed by the next write in that directory ([`sweep_temporaries`]).
 pub fn write_atomic(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
     let dir = path.parent().context("path has no parent directory")?;
     create_private_dir_all(dir)?;
+    sweep_temporaries(dir);
     // NamedTempFile creates 0600.
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)
+    let mut tmp = tempfile::Builder::new()
+        .prefix(&format!("{TEMP_PREFIX}{}.", std::process::id()))
+        .tempfile_in(dir)
         .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
     tmp.write_all(contents)
         .and_then(|_| tmp.as_file().sync_all())
         .with_context(|| format!("writing {}", path.display()))?;
+    if let Some(name) = path.file_name() {
+        crate::testpoint::pause(&format!("write {}", name.to_string_lossy()));
+    }
     tmp.persist(path)
         .with_context(|| format!("renaming into {}", path.display()))?;
     sync_dir(dir);
     Ok(())
+}
+
+/// How [`write_atomic`]'s temporaries are named: `.pen-tmp-<pid>.<random>`.
+pub const TEMP_PREFIX: &str = ".pen-tmp-";
+
+/// Removes the [`write_atomic`] temporaries in `dir` whose process is gone (killed between
+/// creating and renaming). A live pid keeps its file, even when the pid was reused since:
+/// that file goes at a later sweep.
+pub fn sweep_temporaries(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(TEMP_PREFIX))
+            .and_then(|rest| rest.split('.').next())
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
+/// Removes `dir` and everything in it; NotFound is success. Retries a few times: a process
+/// being killed may still create a file in it.
+pub fn remove_tree(dir: &Path) -> std::io::Result<()> {
+    let mut last = Ok(());
+    for _ in 0..5 {
+        match std::fs::remove_dir_all(dir) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Ok(()) => return Ok(()),
+            Err(e) => last = Err(e),
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    last
 }
 
 /// `create_dir_all` with mode 0700 for every directory it creates.
@@ -137,5 +186,23 @@ mod tests {
             std::fs::read_dir(path.parent().unwrap()).unwrap().count(),
             1
         );
+    }
+
+    #[test]
+    fn temporaries_of_dead_processes_are_swept() {
+        let dir = tempfile::tempdir().unwrap();
+        // A pid that cannot be live (above pid_max's ceiling), and this live process's.
+        let dead = dir.path().join(format!("{TEMP_PREFIX}4194305.abc123"));
+        let live = dir
+            .path()
+            .join(format!("{TEMP_PREFIX}{}.abc123", std::process::id()));
+        let other = dir.path().join(".tmpabc123");
+        for f in [&dead, &live, &other] {
+            std::fs::write(f, b"half").unwrap();
+        }
+        write_atomic(&dir.path().join("vm.json"), b"{}").unwrap();
+        assert!(!dead.exists(), "a dead process's temporary stays");
+        assert!(live.exists(), "a live process's temporary was removed");
+        assert!(other.exists(), "a file that is not ours was removed");
     }
 }

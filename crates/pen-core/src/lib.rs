@@ -10,17 +10,20 @@
 //! * [`image`]: what an image is: the base image's manifest and files, profile images and
 //!   their status.
 //! * [`fsutil`]: atomic writes, hashing, file helpers; [`progress`]: spinners for long steps.
+//! * [`interrupt`]: what an interrupted `pen` undoes (builder VMs, packers, scratch dirs).
 
 pub mod envspec;
 pub mod error;
 pub mod fsutil;
 pub mod image;
+pub mod interrupt;
 pub mod logfile;
 pub mod names;
 pub mod paths;
 pub mod profile;
 pub mod progress;
 pub mod size;
+pub mod testpoint;
 pub mod vm;
 pub mod volume;
 

@@ -337,6 +337,18 @@ impl VmPaths {
         }
         let _ = std::fs::remove_dir(&self.runtime);
     }
+
+    /// [`VmPaths::remove_sockets`], then the home's runtime directory (`<home-id>`) when it
+    /// is empty: for a pen home that is going away (a builder VM's private one).
+    pub fn remove_runtime(&self) {
+        self.remove_sockets();
+        if matches!(
+            check_private_dir(&self.runtime_levels[1]),
+            Ok(DirState::Private)
+        ) {
+            let _ = std::fs::remove_dir(&self.runtime_levels[1]);
+        }
+    }
 }
 
 #[cfg(test)]

@@ -178,7 +178,13 @@ fn main() -> ExitCode {
         // SAFETY: no other thread exists yet; SIG_DFL is a valid disposition.
         unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     }
-    match commands::run(cli.command) {
+    // SIGINT, SIGTERM or SIGHUP during an image build tears the build down (builder VM,
+    // packer, scratch directories) and exits 128+N; see `pen_core::interrupt`.
+    pen_core::interrupt::enable();
+    let result = commands::run(cli.command);
+    // Whatever failed because of the teardown is no news; it ends the process.
+    pen_core::interrupt::park_if_interrupted();
+    match result {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
         Err(err) => {
             let usage = err.downcast_ref::<UsageError>().is_some();

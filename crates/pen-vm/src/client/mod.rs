@@ -312,6 +312,24 @@ pub fn stop(home: &PenHome, name: &str, force: bool) -> anyhow::Result<()> {
     }
 }
 
+/// Ends VM `name` at once without asking its guest: SIGKILL to its supervisor and everything
+/// under it (QEMU, virtiofsd), waited for, then its runtime directory removed. Only for VMs
+/// whose disk is scratch (builder VMs), on an interrupt or for a dead build's leftovers.
+pub fn kill_now(home: &PenHome, name: &str) {
+    let paths = VmPaths::new(home, name);
+    if let (Status::Running, Some(pid)) = vm::status(&paths) {
+        if vm::is_supervisor(&paths, pid, home.root(), name) {
+            pen_core::interrupt::kill_tree(
+                pid,
+                nix::sys::signal::Signal::SIGKILL,
+                Duration::from_secs(10),
+            );
+        }
+    }
+    wait_stopped(&paths, Duration::from_secs(2));
+    paths.remove_runtime();
+}
+
 /// Whether VM `name`'s supervisor answers on its socket.
 pub fn is_answering(home: &PenHome, name: &str) -> bool {
     let paths = VmPaths::new(home, name);
@@ -538,15 +556,41 @@ fn spawn_supervisor(
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
-    // SAFETY: setsid is async-signal-safe. A session of its own from the first instant:
-    // Ctrl-C at the terminal must not reach the VM.
+    // A builder VM serves this process only: it dies with it, even when this process is
+    // SIGKILLed (its QEMU and virtiofsd die with the supervisor). The death signal fires
+    // when the spawning *thread* ends; builds run on pen's main thread.
+    let builder = params.mode == BootMode::Build;
+    let parent = std::process::id();
+    // SAFETY: setsid, prctl, getppid and _exit are async-signal-safe. A session of its own
+    // from the first instant: Ctrl-C at the terminal must not reach the VM.
     unsafe {
-        cmd.pre_exec(|| {
+        cmd.pre_exec(move || {
             nix::unistd::setsid().map_err(std::io::Error::from)?;
+            if builder {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // We may have died before prctl took effect.
+                if libc::getppid() as u32 != parent {
+                    libc::_exit(1);
+                }
+            }
             Ok(())
         });
     }
     let mut child = cmd.spawn().context("starting the VM supervisor")?;
+    // Interrupted while it boots (before its pid is in the lock, where the builder's own
+    // registration finds it): it and its children go first.
+    let child_pid = child.id();
+    let _undo = builder.then(|| {
+        pen_core::interrupt::on_interrupt(move || {
+            pen_core::interrupt::kill_tree(
+                child_pid,
+                nix::sys::signal::Signal::SIGKILL,
+                Duration::from_secs(10),
+            )
+        })
+    });
     {
         let mut stdin = child.stdin.take().expect("piped stdin");
         let json = serde_json::to_vec(params)?;

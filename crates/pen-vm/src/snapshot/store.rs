@@ -237,7 +237,11 @@ impl Pending {
         pen_core::fsutil::create_private_dir_all(root)?;
         sweep_abandoned(root, ABANDONED_AFTER);
         let tmp = tempfile::Builder::new()
-            .prefix(&format!("{TMP_PREFIX}{}-", short_key(&identity.key())))
+            .prefix(&format!(
+                "{TMP_PREFIX}{}-{}-",
+                short_key(&identity.key()),
+                std::process::id()
+            ))
             .tempdir_in(root)
             .with_context(|| format!("creating a directory in {}", root.display()))?;
         Ok(Pending {
@@ -297,6 +301,7 @@ impl Pending {
                 .with_context(|| format!("syncing {}", dir.join(name).display()))?;
         }
         sync_dir(dir);
+        pen_core::testpoint::pause("snapshot commit");
         let tmp = self.tmp.keep();
         let target = self.root.join(&key);
         match std::fs::rename(&tmp, &target) {
@@ -317,7 +322,9 @@ impl Pending {
     }
 }
 
-/// Removes temporary and trash directories older than `age` (saves that died midway).
+/// Removes temporary and trash directories older than `age` (saves that died midway), and
+/// at once the temporary directories whose writer is gone (`.tmp-<key>-<pid>-<random>`: a
+/// supervisor killed while saving).
 fn sweep_abandoned(root: &Path, age: Duration) {
     let Ok(entries) = std::fs::read_dir(root) else {
         return;
@@ -328,12 +335,18 @@ fn sweep_abandoned(root: &Path, age: Duration) {
         if !name.starts_with(TMP_PREFIX) && !name.starts_with(TRASH_PREFIX) {
             continue;
         }
-        let old = entry
-            .metadata()
-            .and_then(|m| m.modified())
-            .ok()
-            .and_then(|t| SystemTime::now().duration_since(t).ok())
-            .is_some_and(|a| a >= age);
+        let writer_gone = name
+            .strip_prefix(TMP_PREFIX)
+            .and_then(|rest| rest.split('-').nth(1))
+            .and_then(|pid| pid.parse::<u32>().ok())
+            .is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists());
+        let old = writer_gone
+            || entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| SystemTime::now().duration_since(t).ok())
+                .is_some_and(|a| a >= age);
         if old {
             let _ = std::fs::remove_dir_all(entry.path());
         }

@@ -280,6 +280,7 @@ impl Stage1 {
                 json!({"max-bandwidth": 1u64 << 40}),
             )
             .await?;
+        pen_core::testpoint::pause("snapshot migrate");
         let (mut stream, theirs) = migration_pair()?;
         self.qmp.pass_fd(MIGRATION_FD, theirs.as_fd()).await?;
         drop(theirs);

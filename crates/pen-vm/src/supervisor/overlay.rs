@@ -84,6 +84,7 @@ pub fn prepare_overlay(paths: &VmPaths, name: &str, disk_size: u64) -> anyhow::R
 /// Sizes a new (empty) disk, makes that durable, then writes the marker.
 fn size_new_disk(paths: &VmPaths, file: &std::fs::File, disk_size: u64) -> anyhow::Result<()> {
     let disk = paths.overlay();
+    pen_core::testpoint::pause("overlay created");
     // Sparse: the guest formats it on first boot; only what it writes takes space.
     file.set_len(disk_size)
         .and_then(|_| file.sync_all())

@@ -109,6 +109,8 @@ pub(super) async fn run(
     reporter: &mut Reporter,
 ) -> anyhow::Result<()> {
     let name = vm.name.clone();
+    // We hold the VM's lock: a `write_atomic` temporary here whose pen is gone is litter.
+    pen_core::fsutil::sweep_temporaries(&paths.dir);
     if volume_files.len() > pen_proto::VOLUME_SLOTS {
         anyhow::bail!(
             "VM {name} names {} volumes; a VM can mount at most {}",

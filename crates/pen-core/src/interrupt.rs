@@ -1,0 +1,289 @@
+//! What an interrupted `pen` must undo. SIGINT, SIGTERM or SIGHUP in the middle of an image
+//! build would otherwise end `pen` on the spot and leave its builder VM (a detached
+//! supervisor with QEMU), its packer and its scratch directories behind for good.
+//!
+//! Code that creates such things registers an undo action ([`on_interrupt`]) for as long as
+//! they exist; the returned [`Registration`] withdraws it when dropped. While at least one
+//! action is registered, and only once the binary has opted in ([`enable`]), the three
+//! signals are caught: a dedicated thread runs every action, newest first (a packer is killed
+//! before the VM feeding it, the VM before its directory is removed), then ends the process
+//! with 128 + the signal's number. With nothing registered the signals keep their previous
+//! disposition, so `pen shell` and `pen exec` (which forward them to the guest) are untouched;
+//! a signal ignored when `pen` started (`nohup`) stays ignored.
+//!
+//! The main thread keeps running meanwhile and fails as the things it waits on vanish;
+//! `pen` calls [`park_if_interrupted`] before reporting an error, so it neither prints that
+//! error nor exits before the actions are done.
+
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
+
+use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
+
+type Action = Box<dyn FnOnce() + Send>;
+
+/// The signals that end `pen` with an orderly teardown.
+const SIGNALS: [Signal; 3] = [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP];
+
+struct Registry {
+    actions: Vec<(u64, Action)>,
+    /// The dispositions in place before ours, while ours are installed.
+    previous: Option<Vec<(Signal, SigAction)>>,
+}
+
+static REGISTRY: Mutex<Registry> = Mutex::new(Registry {
+    actions: Vec::new(),
+    previous: None,
+});
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+static ENABLED: AtomicBool = AtomicBool::new(false);
+/// The signal being handled, 0 when none arrived.
+static INTERRUPTED: AtomicI32 = AtomicI32::new(0);
+/// Write end of the pipe from the signal handler to the teardown thread.
+static PIPE_WRITE: AtomicI32 = AtomicI32::new(-1);
+static THREAD: OnceLock<()> = OnceLock::new();
+
+/// Lets registrations catch the signals. Called once by the `pen` binary; libraries and
+/// tests that never call it only record actions.
+pub fn enable() {
+    ENABLED.store(true, Ordering::SeqCst);
+}
+
+/// An action registered with [`on_interrupt`]; dropping it withdraws the action.
+#[must_use = "the action is withdrawn when this is dropped"]
+pub struct Registration(u64);
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        let mut reg = REGISTRY.lock().unwrap_or_else(|e| e.into_inner());
+        reg.actions.retain(|(id, _)| *id != self.0);
+        if reg.actions.is_empty() && INTERRUPTED.load(Ordering::SeqCst) == 0 {
+            if let Some(previous) = reg.previous.take() {
+                for (sig, old) in previous {
+                    // SAFETY: restores a disposition sigaction returned for this signal.
+                    let _ = unsafe { sigaction(sig, &old) };
+                }
+            }
+        }
+    }
+}
+
+/// Registers `action` to run if `pen` is interrupted before the registration is dropped.
+/// Actions must be quick (seconds at most) and must not panic.
+pub fn on_interrupt(action: impl FnOnce() + Send + 'static) -> Registration {
+    let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+    let mut reg = REGISTRY.lock().unwrap_or_else(|e| e.into_inner());
+    reg.actions.push((id, Box::new(action)));
+    if reg.previous.is_none() && ENABLED.load(Ordering::SeqCst) && start_thread() {
+        let ours = SigAction::new(
+            SigHandler::Handler(on_signal),
+            SaFlags::SA_RESTART,
+            SigSet::empty(),
+        );
+        let mut previous = Vec::new();
+        for sig in SIGNALS {
+            // SAFETY: `on_signal` only calls async-signal-safe functions.
+            match unsafe { sigaction(sig, &ours) } {
+                // Ignored when pen started (`nohup`, a background job of a script): it
+                // stays ignored, as with any Unix tool.
+                Ok(old) if old.handler() == SigHandler::SigIgn => {
+                    // SAFETY: restores the disposition sigaction just returned.
+                    let _ = unsafe { sigaction(sig, &old) };
+                }
+                Ok(old) => previous.push((sig, old)),
+                Err(_) => {}
+            }
+        }
+        reg.previous = Some(previous);
+    }
+    Registration(id)
+}
+
+/// The signal that interrupted `pen`, if one did.
+pub fn interrupted() -> Option<i32> {
+    match INTERRUPTED.load(Ordering::SeqCst) {
+        0 => None,
+        sig => Some(sig),
+    }
+}
+
+/// When a signal is being handled, waits for the teardown, which ends the process: the
+/// caller's error is a consequence of the teardown, not news.
+pub fn park_if_interrupted() {
+    if interrupted().is_some() {
+        loop {
+            std::thread::park();
+        }
+    }
+}
+
+extern "C" fn on_signal(sig: libc::c_int) {
+    let fd = PIPE_WRITE.load(Ordering::Relaxed);
+    if fd >= 0 {
+        let byte = sig as u8;
+        // SAFETY: write(2) on a pipe is async-signal-safe; errno is preserved for the
+        // interrupted code.
+        unsafe {
+            let errno = *libc::__errno_location();
+            libc::write(fd, (&byte as *const u8).cast(), 1);
+            *libc::__errno_location() = errno;
+        }
+    }
+}
+
+/// Starts the teardown thread and its pipe once. False when that failed (the signals then
+/// keep their default: the process ends as before).
+fn start_thread() -> bool {
+    THREAD.get_or_init(|| {
+        let mut fds = [0; 2];
+        // SAFETY: pipe2 fills `fds` on success.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+            return;
+        }
+        let read = fds[0];
+        let spawned = std::thread::Builder::new()
+            .name("pen-interrupt".into())
+            .spawn(move || {
+                let mut byte = 0u8;
+                loop {
+                    // SAFETY: reads one byte into `byte` from the pipe we own.
+                    let n = unsafe { libc::read(read, (&mut byte as *mut u8).cast(), 1) };
+                    if n == 1 {
+                        teardown(i32::from(byte));
+                    }
+                }
+            });
+        if spawned.is_ok() {
+            PIPE_WRITE.store(fds[1], Ordering::SeqCst);
+        }
+    });
+    PIPE_WRITE.load(Ordering::SeqCst) >= 0
+}
+
+fn teardown(sig: i32) -> ! {
+    INTERRUPTED.store(sig, Ordering::SeqCst);
+    let name = Signal::try_from(sig)
+        .map(|s| s.as_str())
+        .unwrap_or("signal");
+    eprintln!("\npen: interrupted ({name}); cleaning up");
+    let actions = {
+        let mut reg = REGISTRY.lock().unwrap_or_else(|e| e.into_inner());
+        std::mem::take(&mut reg.actions)
+    };
+    for (_, action) in actions.into_iter().rev() {
+        action();
+    }
+    std::process::exit(128 + sig);
+}
+
+/// `pid` and all its descendants, from /proc (parents before children).
+pub fn process_tree(pid: u32) -> Vec<u32> {
+    let mut parent_of = Vec::new();
+    if let Ok(entries) = std::fs::read_dir("/proc") {
+        for entry in entries.flatten() {
+            let Some(child) = entry
+                .file_name()
+                .to_str()
+                .and_then(|s| s.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            if let Some(ppid) = stat_field(child, 1).and_then(|f| f.parse::<u32>().ok()) {
+                parent_of.push((child, ppid));
+            }
+        }
+    }
+    let mut tree = vec![pid];
+    let mut i = 0;
+    while i < tree.len() {
+        let parent = tree[i];
+        tree.extend(
+            parent_of
+                .iter()
+                .filter(|(c, p)| *p == parent && !tree.contains(c))
+                .map(|(c, _)| *c)
+                .collect::<Vec<_>>(),
+        );
+        i += 1;
+    }
+    tree
+}
+
+/// Field `n` of /proc/PID/stat counted from the one after the command name (0 = state,
+/// 1 = ppid, 19 = start time).
+fn stat_field(pid: u32, n: usize) -> Option<String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(n).map(str::to_string)
+}
+
+/// Sends `signal` to `pid` and every descendant, then waits up to `limit` until each of
+/// them has exited (a zombie counts as exited: whoever reaps it is not us). Processes are
+/// told apart by their start time, so a reused pid is not waited for.
+pub fn kill_tree(pid: u32, signal: Signal, limit: std::time::Duration) {
+    let tree: Vec<(u32, Option<String>)> = process_tree(pid)
+        .into_iter()
+        .map(|p| (p, stat_field(p, 19)))
+        .collect();
+    for (p, _) in &tree {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*p as i32), signal);
+    }
+    let alive = |(p, start): &(u32, Option<String>)| {
+        stat_field(*p, 19) == *start && stat_field(*p, 0).is_some_and(|s| s != "Z" && s != "X")
+    };
+    let deadline = std::time::Instant::now() + limit;
+    while tree.iter().any(alive) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// SIGTERM to `pid` alone, which then has up to `grace` to clean up after itself and exit;
+/// what is left of its tree after that is killed ([`kill_tree`]).
+pub fn terminate(pid: u32, grace: std::time::Duration) {
+    let start = stat_field(pid, 19);
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGTERM);
+    let deadline = std::time::Instant::now() + grace;
+    while stat_field(pid, 19) == start
+        && stat_field(pid, 0).is_some_and(|s| s != "Z" && s != "X")
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    kill_tree(pid, Signal::SIGKILL, std::time::Duration::from_secs(5));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tree_is_killed_with_its_grandchildren() {
+        // sh -> sleep (grandchild of this test): both must be gone after kill_tree.
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", "sleep 600 & wait"])
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        let mut tree = Vec::new();
+        for _ in 0..100 {
+            tree = process_tree(pid);
+            if tree.len() == 2 {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        assert_eq!(tree.len(), 2, "sh and its sleep: {tree:?}");
+        kill_tree(pid, Signal::SIGKILL, std::time::Duration::from_secs(5));
+        assert!(child.wait().is_ok());
+        let sleep = tree[1];
+        let gone = (0..250).any(|_| {
+            let state = stat_field(sleep, 0);
+            if state.is_none() || state.as_deref() == Some("Z") {
+                return true;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            false
+        });
+        assert!(gone, "the grandchild {sleep} outlived kill_tree");
+    }
+}
