@@ -9,7 +9,7 @@
 //!
 //! Guest RAM is not in the migration stream (`x-ignore-shared`): pen owns the memfd that
 //! backs it, copies its pages out when saving and into a fresh memfd when restoring. See
-//! ARCHITECTURE.md "Snapshots" for why this and not QEMU's own RAM transfer or a
+//! docs/design.md "Snapshots" for why this and not QEMU's own RAM transfer or a
 //! copy-on-write mapping of the file.
 
 pub mod ram;
