@@ -58,7 +58,7 @@ pub fn check_dir(dir: &Path) -> Result<Tree, UsageError> {
         UsageError::new(format!(
             "--from {}: {}; give a directory to pack",
             dir.display(),
-            reason(&e)
+            pen_core::fsutil::io_reason(&e, "file or directory")
         ))
     })?;
     if !meta.is_dir() {
@@ -137,16 +137,8 @@ pub fn check_tar_file(file: &Path) -> Result<(), UsageError> {
         Err(e) => Err(UsageError::new(format!(
             "--from-tar {}: {}; give a tar file, or - for standard input",
             file.display(),
-            reason(&e)
+            pen_core::fsutil::io_reason(&e, "file or directory")
         ))),
-    }
-}
-
-fn reason(e: &std::io::Error) -> String {
-    match e.kind() {
-        std::io::ErrorKind::NotFound => "no such file or directory".into(),
-        std::io::ErrorKind::PermissionDenied => "permission denied".into(),
-        _ => e.to_string(),
     }
 }
 

@@ -126,6 +126,16 @@ pub fn tail_lines(path: &Path, n: usize) -> String {
 }
 
 /// Lowercase hex sha256 of `bytes`.
+/// Why opening a path the user named failed, in words for a one-line error: "no such
+/// `what`", "permission denied", or the error itself.
+pub fn io_reason(e: &std::io::Error, what: &str) -> String {
+    match e.kind() {
+        std::io::ErrorKind::NotFound => format!("no such {what}"),
+        std::io::ErrorKind::PermissionDenied => "permission denied".into(),
+        _ => e.to_string(),
+    }
+}
+
 pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }

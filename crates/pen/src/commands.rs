@@ -268,7 +268,7 @@ fn check_dir(dir: &Path) -> anyhow::Result<PathBuf> {
         UsageError::new(format!(
             "--dir {}: {}; give an existing directory",
             dir.display(),
-            io_reason(&e)
+            pen_core::fsutil::io_reason(&e, "directory")
         ))
     })?;
     if !meta.is_dir() {
@@ -307,14 +307,6 @@ fn check_shareable(
     usage!(
         "{what} {why}; the VM may write all it is given: cd to a project directory or pass --dir PROJECT (a directory of its own)"
     )
-}
-
-fn io_reason(e: &std::io::Error) -> String {
-    match e.kind() {
-        std::io::ErrorKind::NotFound => "no such directory".into(),
-        std::io::ErrorKind::PermissionDenied => "permission denied".into(),
-        _ => e.to_string(),
-    }
 }
 
 fn parse_flags(args: &CreateArgs, dir: Option<PathBuf>) -> anyhow::Result<CreationFlags> {
