@@ -140,25 +140,12 @@ pub fn floor_qemu_argv(
             args.next();
             continue;
         }
-        if let Some(rest) = arg
-            .strip_prefix("file=/proc/self/fd/")
-            .filter(|r| r.contains("id=pen-overlay"))
-        {
-            let options = rest.split_once(',').map_or("", |(_, o)| o);
-            argv.push(format!(
-                "file={},{options}",
-                vm_dir.join("overlay.img").display()
-            ));
+        if arg.starts_with("file=/proc/self/fd/") && arg.contains("id=pen-overlay") {
+            argv.push(fd_to_path(arg, &vm_dir.join("overlay.img")));
             continue;
         }
-        if let Some(rest) = arg.strip_prefix("file,id=console,path=/proc/self/fd/") {
-            let options = rest
-                .split_once(',')
-                .map_or(String::new(), |(_, o)| format!(",{o}"));
-            argv.push(format!(
-                "file,id=console,path={}{options}",
-                vm_dir.join("console.log").display()
-            ));
+        if arg.starts_with("file,id=console,path=/proc/self/fd/") {
+            argv.push(fd_to_path(arg, &vm_dir.join("console.log")));
             continue;
         }
         if let Some(rest) = arg.strip_prefix("memory-backend-file,id=mem,") {
@@ -178,6 +165,17 @@ pub fn floor_qemu_argv(
         "vhost-user-fs-pci,chardev=vfs,tag=workspace".into(),
     ]);
     Ok(argv)
+}
+
+/// `arg` with its `/proc/self/fd/N` (a descriptor pen handed QEMU) replaced by `path`.
+fn fd_to_path(arg: &str, path: &Path) -> String {
+    let start = arg.find("/proc/self/fd/").expect("checked by the caller");
+    let digits = &arg[start + "/proc/self/fd/".len()..];
+    let end = arg.len()
+        - digits
+            .trim_start_matches(|c: char| c.is_ascii_digit())
+            .len();
+    format!("{}{}{}", &arg[..start], path.display(), &arg[end..])
 }
 
 /// virtiofsd's socket path from its command line (`--socket-path=P` or `--socket-path P`).
