@@ -210,6 +210,15 @@ fn build_into(home: &PenHome, progress: &Progress) -> anyhow::Result<BaseImage> 
 pub fn refresh_initrd(home: &PenHome, mut image: BaseImage) -> anyhow::Result<BaseImage> {
     let images = home.images();
     let _lock = lock_builds(&images)?;
+    // Another pen may have refreshed it while this one waited for the lock. Writing the
+    // same initrd again would change its mtime, which every snapshot saved since pins:
+    // they would all be thrown away.
+    if let Some(current) = BaseImage::load(home) {
+        if current.manifest.pen_init_sha256 == pen_init_sha256() {
+            return Ok(current);
+        }
+        image = current;
+    }
     let modules_dir = images.join("modules");
     if !modules_dir.join("load.list").exists() {
         drop(_lock);

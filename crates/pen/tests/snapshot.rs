@@ -430,3 +430,74 @@ fn image_list_shows_snapshots_and_prune_removes_stale_ones() {
     assert!(!stale.exists());
     assert!(snap.exists(), "prune removed a current snapshot");
 }
+
+/// Two pens that find the base image's initrd stale at once (the first starts after an
+/// upgrade of pen) write the new one once: the second waits for the first's refresh under
+/// the build lock and then uses it. Writing it again would give the file a new mtime,
+/// which the snapshot the first VM saves pins: every later start would throw that
+/// snapshot away and boot cold.
+#[test]
+fn two_pens_refreshing_a_stale_initrd_at_once_write_it_once() {
+    use std::os::unix::fs::MetadataExt;
+    let pen = Pen::new("refresh-race");
+    // An image directory of its own: the shared one must not go stale under other tests.
+    let images = pen.home.join("images");
+    std::fs::remove_file(&images).unwrap();
+    std::fs::create_dir_all(images.join("modules")).unwrap();
+    let shared = it_root().join("images");
+    for file in ["vmlinuz", "rootfs.sqfs"] {
+        std::fs::hard_link(shared.join(file), images.join(file)).unwrap();
+    }
+    std::fs::copy(shared.join("initrd"), images.join("initrd")).unwrap();
+    for entry in std::fs::read_dir(shared.join("modules")).unwrap().flatten() {
+        std::fs::copy(entry.path(), images.join("modules").join(entry.file_name())).unwrap();
+    }
+    // A manifest naming a pen-init no pen carries: stale for this one.
+    let mut manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(shared.join("base.json")).unwrap()).unwrap();
+    manifest["pen_init_sha256"] = "0".repeat(64).into();
+    std::fs::write(
+        images.join("base.json"),
+        serde_json::to_vec_pretty(&manifest).unwrap(),
+    )
+    .unwrap();
+
+    let args = |name: &str| {
+        let mut args = pen.create_args("exec", name, &[]);
+        args.extend(["--".to_string(), "true".to_string()]);
+        args
+    };
+    // The first stops itself with its new initrd in place, the build lock held.
+    let mut cmd = pen.cmd(&args("first"));
+    cmd.env("PEN_TEST_PAUSE", "write base.json");
+    let first = spawn_cmd(cmd, None);
+    assert!(
+        wait_until(TIMEOUT, || first
+            .stderr_so_far()
+            .contains("test pause at write base.json")),
+        "the first pen never reached its refresh:\n{}",
+        first.stderr_so_far()
+    );
+    let written = std::fs::metadata(images.join("initrd")).unwrap();
+    let second = pen.spawn(&args("second"), None);
+    assert!(
+        wait_until(TIMEOUT, || second
+            .stderr_so_far()
+            .contains("another pen is building the image")),
+        "the second pen should wait for the first's refresh:\n{}",
+        second.stderr_so_far()
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(first.pid() as i32),
+        nix::sys::signal::Signal::SIGCONT,
+    )
+    .unwrap();
+    first.wait(TIMEOUT).ok();
+    second.wait(TIMEOUT).ok();
+    let now = std::fs::metadata(images.join("initrd")).unwrap();
+    assert_eq!(
+        (now.ino(), now.mtime(), now.mtime_nsec()),
+        (written.ino(), written.mtime(), written.mtime_nsec()),
+        "the second pen wrote the initrd again"
+    );
+}

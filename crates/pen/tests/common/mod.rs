@@ -250,6 +250,12 @@ impl Running {
         self.child.try_wait().unwrap()
     }
 
+    /// What the command wrote to stderr so far (lossy).
+    pub fn stderr_so_far(&self) -> String {
+        let collector = self.stderr.as_ref().unwrap();
+        String::from_utf8_lossy(&collector.buf.lock().unwrap()).into_owned()
+    }
+
     /// Waits for the command to end; kills it and panics with its output after `timeout`.
     #[track_caller]
     pub fn wait(mut self, timeout: Duration) -> Out {
