@@ -1,8 +1,8 @@
 //! The boot sequence driven by the host link, then the session server.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::os::fd::OwnedFd;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use std::time::{Duration, Instant};
 
@@ -57,10 +57,6 @@ pub async fn run(started: Instant) {
         Ok(held) => held,
         Err(e) => fail(None, BootError::new("overlay", e)).await,
     };
-    let volumes_held = match boot::disks::hold_volume_slots(Path::new(SYS_PCI)) {
-        Ok(held) => held,
-        Err(e) => fail(None, BootError::new("volumes", e)).await,
-    };
     match boot::modules::load_modules(Path::new(boot::modules::MODULE_DIR)) {
         Ok(n) => step(&format!("{n} modules loaded")),
         Err(e) => fail(None, e).await,
@@ -79,12 +75,24 @@ pub async fn run(started: Instant) {
             .await
         }
     };
-    let root = boot::disks::wait_for_disk(ROOT_DISK_SERIAL)
+    let root = boot::disks::wait_for_disk(ROOT_DISK_SERIAL, &HashSet::new())
         .map_err(|e| BootError::new("root", e))
-        .and_then(|dev| boot::overlay::mount_root_image(&dev));
-    if let Err(e) = root {
-        fail(Some(&link), e).await;
-    }
+        .and_then(|dev| boot::overlay::mount_root_image(&dev).map(|()| dev));
+    let root = match root {
+        Ok(dev) => dev,
+        Err(e) => fail(Some(&link), e).await,
+    };
+    let volume_disks = match boot::disks::volume_disks(Path::new(SYS_PCI)) {
+        Ok(disks) => disks,
+        Err(e) => fail(Some(&link), BootError::new("volumes", e)).await,
+    };
+    // Disks whose role is known: the overlay disk's lookup by serial skips them, since
+    // reading a serial is a request to the device, slow right after a restore.
+    let known_disks: HashSet<String> = std::iter::once(&root)
+        .chain(volume_disks.iter().flatten())
+        .filter_map(|dev| dev.file_name())
+        .map(|name| name.to_string_lossy().into_owned())
+        .collect();
     let warmed = boot::prefetch::warm(Path::new(boot::SYSROOT));
     step(&format!(
         "root image mounted, {} KB prefetched; awaiting config",
@@ -97,7 +105,12 @@ pub async fn run(started: Instant) {
     // The boot steps below block the thread: let the writer send what is queued first.
     tokio::task::yield_now().await;
 
-    let vm = match configure(&config, overlay_held, &volumes_held, &step) {
+    let disks = Disks {
+        overlay_held,
+        volumes: volume_disks,
+        known: known_disks,
+    };
+    let vm = match configure(&config, &disks, &step) {
         Ok(vm) => vm,
         Err(e) => fail(Some(&link), e).await,
     };
@@ -249,13 +262,18 @@ struct Vm {
     overlay: Option<OwnedFd>,
 }
 
-/// Steps 4-8 of the boot: everything that belongs to this one VM.
-fn configure(
-    config: &GuestConfig,
+/// What stage 1 found of the disks before the snapshot point.
+struct Disks {
+    /// The overlay disk's PCI function is held without a driver until `Config`.
     overlay_held: bool,
-    volumes_held: &[bool],
-    step: &dyn Fn(&str),
-) -> Result<Vm, BootError> {
+    /// Each volume slot's disk (`/dev/vdX`), probed already; `None`: no device there.
+    volumes: Vec<Option<PathBuf>>,
+    /// The names (`vda`, ...) of the disks above and of the root disk.
+    known: HashSet<String>,
+}
+
+/// Steps 4-8 of the boot: everything that belongs to this one VM.
+fn configure(config: &GuestConfig, disks: &Disks, step: &dyn Fn(&str)) -> Result<Vm, BootError> {
     boot::system::set_clock(config.clock_secs, config.clock_nanos)?;
     boot::system::add_entropy(&config.entropy)?;
 
@@ -281,15 +299,14 @@ fn configure(
         .map_err(|e| BootError::new("network", format!("thread: {e}")))?;
 
     // 4. overlay disk
-    if overlay_held {
+    if disks.overlay_held {
         boot::disks::release_overlay_disk(Path::new(SYS_PCI))
             .map_err(|e| BootError::new("overlay", e))?;
         step("overlay disk bound");
     }
-    // The VM's volumes, on their own thread (see `boot::volumes`); slots the VM does not
-    // use stay without a driver.
-    let volumes = boot::volumes::start(SYS_PCI, &config.volumes, volumes_held)?;
-    let dev = boot::disks::wait_for_disk(OVERLAY_DISK_SERIAL)
+    // The VM's volumes, mounted on their own thread (see `boot::volumes`).
+    let volumes = boot::volumes::start(&config.volumes, &disks.volumes)?;
+    let dev = boot::disks::wait_for_disk(OVERLAY_DISK_SERIAL, &disks.known)
         .map_err(|e| BootError::new("overlay", e))?;
     step("overlay disk found");
     let (overlay, formatted) = boot::overlay::prepare_overlay_disk(&dev)?;
@@ -300,8 +317,8 @@ fn configure(
     // 5. merged root
     boot::overlay::mount_merged_root()?;
     if let Some(volumes) = &volumes {
-        volumes.wait_for_disks()?;
-        step("volume disks found");
+        volumes.wait_for_staged()?;
+        step("volumes staged");
     }
     boot::mounts::switch_root(boot::NEWROOT)?;
     if let Some(volumes) = &volumes {

@@ -5,9 +5,10 @@
 //! shape since), while the handful of commands pen sends are easiest to read as plain JSON.
 //! Asynchronous events arriving between replies are skipped; pen polls state instead.
 //!
-//! Sockets QEMU needs after it started (a migration stream, the virtiofsd socket of a
-//! hot-plugged workspace) are handed to it as file descriptors ([`Qmp::pass_fd`], QMP
-//! `getfd`) rather than as paths: pen's runtime directory is private, and a QEMU that has
+//! Sockets and files QEMU needs after it started (a migration stream, the virtiofsd socket
+//! of a hot-plugged workspace, a cold boot's volume files) are handed to it as file
+//! descriptors ([`Qmp::pass_fd`], QMP `getfd`; [`Qmp::add_fd`], QMP `add-fd`) rather than as
+//! paths: pen's runtime directory is private, and a QEMU that has
 //! dropped root (see `qemu::runas`) could not open them.
 
 use std::io::IoSlice;
@@ -69,11 +70,34 @@ impl Qmp {
     /// as `SCM_RIGHTS` with the command). A command that then names it (`fd:NAME` migration
     /// URIs, a socket address of type `fd`) takes it over.
     pub async fn pass_fd(&mut self, name: &str, fd: BorrowedFd<'_>) -> anyhow::Result<()> {
+        self.execute_with_fd("getfd", json!({ "fdname": name }), fd)
+            .await
+            .map(drop)
+    }
+
+    /// Adds a duplicate of `fd` to QEMU's fd set `fdset` (QMP `add-fd`): a block node then
+    /// opens it as `/dev/fdset/FDSET`, with the access mode `fd` was opened with.
+    pub async fn add_fd(&mut self, fdset: u32, fd: BorrowedFd<'_>) -> anyhow::Result<()> {
+        self.execute_with_fd("add-fd", json!({ "fdset-id": fdset }), fd)
+            .await
+            .map(drop)
+    }
+
+    /// [`Qmp::execute`] with `fd` attached to the command as `SCM_RIGHTS`.
+    async fn execute_with_fd(
+        &mut self,
+        command: &str,
+        arguments: Value,
+        fd: BorrowedFd<'_>,
+    ) -> anyhow::Result<Value> {
         use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
-        let line = command_line("getfd", json!({ "fdname": name }))?;
+        let line = command_line(command, arguments)?;
         let socket = self.writer.as_ref();
         let sent = loop {
-            socket.writable().await.context("sending QMP getfd")?;
+            socket
+                .writable()
+                .await
+                .with_context(|| format!("sending QMP {command}"))?;
             let fds = [fd.as_raw_fd()];
             match socket.try_io(tokio::io::Interest::WRITABLE, || {
                 sendmsg::<()>(
@@ -87,15 +111,15 @@ impl Qmp {
             }) {
                 Ok(n) => break n,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Err(e).context("sending QMP getfd"),
+                Err(e) => return Err(e).with_context(|| format!("sending QMP {command}")),
             }
         };
         // The descriptor went with the first byte; the rest of a short write is plain data.
         self.writer
             .write_all(&line[sent..])
             .await
-            .context("sending QMP getfd")?;
-        self.reply("getfd").await.map(drop)
+            .with_context(|| format!("sending QMP {command}"))?;
+        self.reply(command).await
     }
 
     async fn reply(&mut self, command: &str) -> anyhow::Result<Value> {

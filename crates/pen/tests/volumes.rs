@@ -459,3 +459,84 @@ fn a_tar_stream_packs_into_a_volume() {
         .collect();
     assert_eq!(leftovers.len(), 1, "{leftovers:?}");
 }
+
+/// The memory size of the VMs of [`a_snapshot_saved_with_small_volumes_serves_vms_with_bigger_ones`]:
+/// part of a snapshot's key, so they have a snapshot of their own.
+const SIZES_MEMORY: u64 = 1112;
+
+/// Every guest knows its volume disks by the size of the host's placeholders, probed
+/// before the snapshot point, never by the size of the volumes of the VM that happened to
+/// save the snapshot: a VM restored with a bigger volume in the same slot reads all of it.
+/// (Had the saving VM's files been behind the disks while its guest probed them, the
+/// restored guest would see a 6 MB volume through a 4 KB disk, and fail to read it.)
+#[test]
+fn a_snapshot_saved_with_small_volumes_serves_vms_with_bigger_ones() {
+    let pen = Pen::new("vol-sizes");
+    // No snapshot of this shape yet: the first VM below boots cold and saves it.
+    if let Ok(entries) = std::fs::read_dir(it_root().join("images/snapshots")) {
+        for dir in entries.flatten().map(|e| e.path()) {
+            let manifest: Option<serde_json::Value> = std::fs::read(dir.join("snapshot.json"))
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok());
+            if manifest.is_some_and(|m| m["identity"]["memory_mb"] == SIZES_MEMORY) {
+                std::fs::remove_dir_all(&dir).unwrap();
+            }
+        }
+    }
+    pack_version(&pen, "small", "s");
+    // 6 MB of random bytes: squashfs stores them as they are.
+    let big = pen.root.join("src-big");
+    std::fs::create_dir_all(&big).unwrap();
+    let data = random_bytes(6 << 20);
+    std::fs::write(big.join("data"), &data).unwrap();
+    pen.run(&["volume", "create", "big", "--from", &big.to_string_lossy()])
+        .ok();
+    let host_sum = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&data));
+
+    let shaped = |name: &str, volumes: &[&str], command: &str| -> Vec<String> {
+        let mut args = vec!["exec", name, "--dir"]
+            .into_iter()
+            .map(String::from)
+            .collect::<Vec<_>>();
+        args.push(pen.ws.to_string_lossy().into_owned());
+        let memory = SIZES_MEMORY.to_string();
+        for a in ["--cpus", "1", "--memory", &memory, "--disk-size", "2G"] {
+            args.push(a.into());
+        }
+        for v in volumes {
+            args.extend(["--volume".to_string(), v.to_string()]);
+        }
+        args.extend(["--", "sh", "-c", command].map(String::from));
+        pen.vm(name);
+        args
+    };
+    let saver = "vsave";
+    let out = pen
+        .run(&shaped(saver, &["small:/opt/s"], "cat /opt/s/version"))
+        .ok();
+    assert_eq!(out.stdout_str(), "s\n", "{out}");
+    pen.wait_status(saver, "stopped", Duration::from_secs(120));
+    let log = std::fs::read_to_string(pen.vm_dir(saver).join("supervisor.log")).unwrap();
+    assert!(
+        log.contains("supervisor: cold boot")
+            && log
+                .lines()
+                .any(|l| l.starts_with("supervisor: snapshot ") && l.ends_with(" saved")),
+        "the first VM of its shape should boot cold and save the snapshot:\n{log}"
+    );
+
+    let reader = "vread";
+    let out = pen
+        .run(&shaped(
+            reader,
+            &["big:/opt/b", "small:/opt/s"],
+            "sha256sum /opt/b/data | cut -d' ' -f1; cat /opt/s/version",
+        ))
+        .ok();
+    assert_eq!(out.stdout_str(), format!("{host_sum}\ns\n"), "{out}");
+    let log = std::fs::read_to_string(pen.vm_dir(reader).join("supervisor.log")).unwrap();
+    assert!(
+        log.contains("supervisor: restored snapshot"),
+        "the second VM should restore the first one's snapshot:\n{log}"
+    );
+}

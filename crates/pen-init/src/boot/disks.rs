@@ -1,7 +1,8 @@
-//! Finding devices by role: block devices by their virtio serial, the agent port by name.
+//! Finding devices by role: block devices by their virtio serial or PCI function, the agent
+//! port by name.
 //! Devices appear asynchronously after their driver module loads, so lookups poll.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -74,12 +75,13 @@ pub fn poll_for<T>(timeout: Duration, mut probe: impl FnMut() -> Option<T>) -> O
 }
 
 /// Waits for the block device with `serial` and its `/dev` node; returns the node's path.
+/// Devices named in `known` (found already, by other means) are not asked for their serial.
 ///
 /// The node must also open: a disk probed after boot (the overlay disk, or a hot-plugged
 /// one) shows up in sysfs and `/dev` a moment before the kernel finishes registering it,
 /// and opening it in that window fails with ENXIO.
-pub fn wait_for_disk(serial: &str) -> Result<PathBuf, String> {
-    let mut others = HashSet::new();
+pub fn wait_for_disk(serial: &str, known: &HashSet<String>) -> Result<PathBuf, String> {
+    let mut others = known.clone();
     poll_for(DEVICE_TIMEOUT, || {
         let name = find_block_by_serial(Path::new("/sys/block"), serial, &mut others)?;
         let dev = PathBuf::from("/dev").join(name);
@@ -93,38 +95,47 @@ pub fn wait_for_disk(serial: &str) -> Result<PathBuf, String> {
     })
 }
 
-/// Waits for the block devices with `serials` and their `/dev` nodes; returns the nodes'
-/// paths in the same order. Each device's serial is read once (a request to the device),
-/// however many disks are awaited and however often the directory is polled.
-pub fn wait_for_disks(serials: &[String]) -> Result<Vec<PathBuf>, String> {
-    let mut known: HashMap<String, String> = HashMap::new();
-    let sys_block = Path::new("/sys/block");
-    poll_for(DEVICE_TIMEOUT, || {
-        for entry in std::fs::read_dir(sys_block).ok()?.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if let std::collections::hash_map::Entry::Vacant(slot) = known.entry(name) {
-                // Not readable yet: asked again at the next poll.
-                if let Some(serial) = read_trimmed(&sys_block.join(slot.key()).join("serial")) {
-                    slot.insert(serial);
-                }
+/// The block device (`vdb`, ...) of the virtio disk at PCI function `address` under
+/// `sys_pci` (normally `/sys/bus/pci`): `devices/ADDRESS/virtioN/block/NAME`. Read from
+/// sysfs alone: unlike reading a disk's `serial`, this sends the device no request.
+pub fn block_at_pci(sys_pci: &Path, address: &str) -> Option<String> {
+    std::fs::read_dir(sys_pci.join("devices").join(address))
+        .ok()?
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("virtio"))
+        .find_map(|e| {
+            std::fs::read_dir(e.path().join("block"))
+                .ok()?
+                .flatten()
+                .next()
+        })
+        .map(|b| b.file_name().to_string_lossy().into_owned())
+}
+
+/// Before the snapshot point, once `virtio_blk` is loaded: the `/dev` node of each volume
+/// slot's disk ([`pen_proto::volume_pci_address`]), `None` where the host put no device.
+/// The disks are probed now, against the host's placeholders, so that a restored guest
+/// only has to mount them (see `boot::volumes`).
+pub fn volume_disks(sys_pci: &Path) -> Result<Vec<Option<PathBuf>>, String> {
+    (0..pen_proto::VOLUME_SLOTS)
+        .map(|slot| {
+            let address = pen_proto::volume_pci_address(slot);
+            if !sys_pci.join("devices").join(&address).exists() {
+                return Ok(None);
             }
-        }
-        serials
-            .iter()
-            .map(|want| {
-                let name = known.iter().find(|(_, s)| *s == want).map(|(n, _)| n)?;
-                let dev = PathBuf::from("/dev").join(name);
-                std::fs::File::open(&dev).ok().map(|_| dev)
+            poll_for(DEVICE_TIMEOUT, || {
+                let dev = PathBuf::from("/dev").join(block_at_pci(sys_pci, &address)?);
+                dev.exists().then_some(dev)
             })
-            .collect::<Option<Vec<_>>>()
-    })
-    .ok_or_else(|| {
-        format!(
-            "not all disks with serials {} appeared within {}s",
-            serials.join(", "),
-            DEVICE_TIMEOUT.as_secs()
-        )
-    })
+            .map(Some)
+            .ok_or_else(|| {
+                format!(
+                    "volume slot {slot} ({address}) has no disk after {}s",
+                    DEVICE_TIMEOUT.as_secs()
+                )
+            })
+        })
+        .collect()
 }
 
 /// The driver the overlay disk's PCI function is held for until the configuration arrives.
@@ -143,21 +154,6 @@ pub fn hold_overlay_disk(sys_pci: &Path) -> Result<bool, String> {
         &pen_proto::overlay_disk_pci_address(),
         "the overlay disk",
     )
-}
-
-/// Before `virtio_pci` loads: holds every volume slot ([`pen_proto::volume_pci_address`])
-/// the way [`hold_overlay_disk`] holds the overlay disk. Returns, per slot, whether it is
-/// held (false: no device there).
-pub fn hold_volume_slots(sys_pci: &Path) -> Result<Vec<bool>, String> {
-    (0..pen_proto::VOLUME_SLOTS)
-        .map(|slot| {
-            hold_pci_function(
-                sys_pci,
-                &pen_proto::volume_pci_address(slot),
-                &format!("volume slot {slot}"),
-            )
-        })
-        .collect()
 }
 
 /// Sets `driver_override` of the PCI function at `address` to a name no driver has.
@@ -184,15 +180,6 @@ pub fn release_overlay_disk(sys_pci: &Path) -> Result<(), String> {
         sys_pci,
         &pen_proto::overlay_disk_pci_address(),
         "the overlay disk",
-    )
-}
-
-/// After the configuration arrived: binds held volume slot `slot` to `virtio-pci`.
-pub fn release_volume_slot(sys_pci: &Path, slot: usize) -> Result<(), String> {
-    release_pci_function(
-        sys_pci,
-        &pen_proto::volume_pci_address(slot),
-        &format!("volume slot {slot}"),
     )
 }
 
@@ -322,34 +309,19 @@ mod tests {
     }
 
     #[test]
-    fn volume_slots_are_held_where_present_and_bound_one_by_one() {
-        let sys = tempdir("vol");
-        std::fs::create_dir_all(sys.join("drivers/virtio-pci")).unwrap();
-        for slot in [0, 2] {
-            std::fs::create_dir_all(
-                sys.join("devices")
-                    .join(pen_proto::volume_pci_address(slot)),
-            )
-            .unwrap();
-        }
-        let held = hold_volume_slots(&sys).unwrap();
-        assert_eq!(held.len(), pen_proto::VOLUME_SLOTS);
-        let held_slots: Vec<usize> = (0..held.len()).filter(|&i| held[i]).collect();
-        assert_eq!(held_slots, [0, 2], "only the slots with a device are held");
-        let dev2 = sys.join("devices/0000:00:13.0");
-        assert_eq!(
-            std::fs::read_to_string(dev2.join("driver_override")).unwrap(),
-            "pen-none"
-        );
-        release_volume_slot(&sys, 2).unwrap();
-        assert_eq!(
-            std::fs::read_to_string(dev2.join("driver_override")).unwrap(),
-            "virtio-pci"
-        );
-        assert_eq!(
-            std::fs::read_to_string(sys.join("drivers/virtio-pci/bind")).unwrap(),
-            "0000:00:13.0"
-        );
+    fn finds_a_disk_by_its_pci_function() {
+        let sys = tempdir("blockpci");
+        let addr = pen_proto::volume_pci_address(2);
+        let dev = sys.join("devices").join(&addr);
+        std::fs::create_dir_all(dev.join("virtio7/block/vdd")).unwrap();
+        std::fs::create_dir_all(dev.join("msi_irqs")).unwrap();
+        assert_eq!(block_at_pci(&sys, &addr).as_deref(), Some("vdd"));
+        // A function with no disk yet (or none at all).
+        std::fs::create_dir_all(sys.join("devices/0000:00:12.0/virtio3")).unwrap();
+        assert_eq!(block_at_pci(&sys, "0000:00:12.0"), None);
+        assert_eq!(block_at_pci(&sys, "0000:00:1f.0"), None);
+        // No device in any slot: nothing to wait for.
+        assert_eq!(volume_disks(&tempdir("blockpci-empty")), Ok(vec![None; 8]));
         std::fs::remove_dir_all(&sys).unwrap();
     }
 

@@ -189,10 +189,27 @@ pub fn mount_workspace(tag: &str) -> Result<(), BootError> {
     }
 }
 
-/// Mounts the squashfs volume on block device `dev` read-only at `path`, creating the mount
-/// point (on the overlay root). `path` comes from the host, which checked it; an absolute
-/// path without `..` is required here too, so a bad one fails the boot with its name.
-pub fn mount_volume(dev: &std::path::Path, path: &str) -> Result<(), BootError> {
+/// Mounts the squashfs volume on block device `dev` read-only at `dir`.
+pub fn mount_volume(dev: &std::path::Path, dir: &str) -> Result<(), BootError> {
+    mount(
+        Some(dev),
+        dir,
+        Some("squashfs"),
+        MsFlags::MS_RDONLY | MsFlags::MS_NODEV,
+        None::<&str>,
+    )
+    .map_err(|e| {
+        BootError::new(
+            "volumes",
+            format!("mount {} (squashfs) on {dir}: {e}", dev.display()),
+        )
+    })
+}
+
+/// Moves the volume mounted at `staged` to `path`, creating the mount point (on the overlay
+/// root). `path` comes from the host, which checked it; an absolute path without `..` is
+/// required here too, so a bad one fails the boot with its name.
+pub fn move_volume(staged: &str, path: &str) -> Result<(), BootError> {
     if !volume_path_ok(path) {
         return Err(BootError::new(
             "volumes",
@@ -202,18 +219,15 @@ pub fn mount_volume(dev: &std::path::Path, path: &str) -> Result<(), BootError> 
     std::fs::create_dir_all(path)
         .map_err(|e| BootError::new("volumes", format!("mkdir {path}: {e}")))?;
     mount(
-        Some(dev),
+        Some(staged),
         path,
-        Some("squashfs"),
-        MsFlags::MS_RDONLY | MsFlags::MS_NODEV,
+        None::<&str>,
+        MsFlags::MS_MOVE,
         None::<&str>,
     )
-    .map_err(|e| {
-        BootError::new(
-            "volumes",
-            format!("mount {} (squashfs) on {path}: {e}", dev.display()),
-        )
-    })
+    .map_err(|e| BootError::new("volumes", format!("move {staged} to {path}: {e}")))?;
+    let _ = std::fs::remove_dir(staged);
+    Ok(())
 }
 
 fn volume_path_ok(path: &str) -> bool {

@@ -1,108 +1,117 @@
-//! The VM's read-only volumes, on a thread of their own so that binding, probing and
-//! mounting them overlaps the overlay disk's setup and stage 2 instead of adding to them
-//! (under TCG, right after a snapshot restore, each virtio-blk probe translates the probe
-//! code again). The thread and the boot meet twice:
+//! The VM's read-only volumes. Their disks were probed before the snapshot point, against
+//! the host's placeholders ([`super::disks::volume_disks`]); by the time the guest reads
+//! its configuration the host has put the volume files behind them. What is left is
+//! mounting, on a thread of its own so that it overlaps the overlay disk's setup instead
+//! of adding to it (under TCG a restored guest runs every code path for the first time).
+//! The thread and the boot meet twice:
 //!
-//! 1. before the switch of roots, the boot waits until every volume disk has its `/dev`
-//!    node: the thread is then done with `/sys` and `/dev`, which the switch moves;
+//! 1. before the switch of roots, the boot waits until every volume is mounted at a staging
+//!    directory under `/run` (which the switch moves into the merged root, mounts and all);
 //! 2. after the switch (threads share the root: the thread now sees the merged root), the
-//!    thread makes each mount point and mounts the squashfs read-only; the boot waits for
+//!    thread makes each mount point and moves the staged mount there; the boot waits for
 //!    that before `Ready`.
 
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{channel, Receiver, Sender};
 
 use pen_proto::GuestVolume;
 
-use super::{disks, system, BootError};
+use super::{system, BootError};
+
+/// Where each slot's volume is mounted until the switch of roots (`/run` moves along).
+const STAGING: &str = "/run/pen/volumes";
+
+/// `BLKFLSBUF`: drop a block device's cached blocks.
+const BLKFLSBUF: libc::c_ulong = 0x1261;
 
 /// The running volume thread.
 pub struct Volumes {
-    devices: Receiver<Result<(), BootError>>,
+    staged: Receiver<Result<(), BootError>>,
     switched: Sender<()>,
     mounted: Receiver<Result<(), BootError>>,
 }
 
-/// Binds the slots of `volumes` (each must be one of the `held` slots) and finds their
-/// disks, on a new thread. `None` when the VM mounts no volume.
+/// Mounts `volumes` (each slot must have a disk in `disks`, from
+/// [`super::disks::volume_disks`]) on a new thread. `None` when the VM mounts no volume.
 pub fn start(
-    sys_pci: &'static str,
     volumes: &[GuestVolume],
-    held: &[bool],
+    disks: &[Option<PathBuf>],
 ) -> Result<Option<Volumes>, BootError> {
     if volumes.is_empty() {
         return Ok(None);
     }
-    for volume in volumes {
-        let slot = usize::from(volume.slot);
-        if !held.get(slot).copied().unwrap_or(false) {
-            return Err(BootError::new(
-                "volumes",
-                format!("no volume disk in slot {slot} (for {})", volume.path),
-            ));
-        }
-    }
+    let devs = volumes
+        .iter()
+        .map(|volume| {
+            let slot = usize::from(volume.slot);
+            disks.get(slot).cloned().flatten().ok_or_else(|| {
+                BootError::new(
+                    "volumes",
+                    format!("no volume disk in slot {slot} (for {})", volume.path),
+                )
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     let volumes = volumes.to_vec();
-    let (devices_tx, devices) = channel();
+    let (staged_tx, staged) = channel();
     let (switched, switched_rx) = channel();
     let (mounted_tx, mounted) = channel();
     std::thread::Builder::new()
         .name("volumes".into())
         .spawn(move || {
             let t = std::time::Instant::now();
-            let found = find_disks(Path::new(sys_pci), &volumes);
+            let result = volumes
+                .iter()
+                .zip(&devs)
+                .try_for_each(|(v, dev)| stage(dev, &staging_dir(v)));
             crate::console::debug(&format!(
-                "volume disks bound and found in {} ms",
+                "{} volume(s) mounted at their staging directories in {} ms",
+                volumes.len(),
                 t.elapsed().as_millis()
             ));
-            let devs = match found {
-                Ok(devs) => {
-                    let _ = devices_tx.send(Ok(()));
-                    devs
-                }
-                Err(e) => {
-                    let _ = devices_tx.send(Err(e));
-                    return;
-                }
-            };
-            if switched_rx.recv().is_err() {
+            let failed = result.is_err();
+            let _ = staged_tx.send(result);
+            if failed || switched_rx.recv().is_err() {
                 return;
             }
             let result = volumes
                 .iter()
-                .zip(&devs)
-                .try_for_each(|(v, dev)| system::mount_volume(dev, &v.path));
-            crate::console::debug(&format!(
-                "volumes mounted {} ms after the thread started",
-                t.elapsed().as_millis()
-            ));
+                .try_for_each(|v| system::move_volume(&staging_dir(v), &v.path));
             let _ = mounted_tx.send(result);
         })
         .map_err(|e| BootError::new("volumes", format!("thread: {e}")))?;
     Ok(Some(Volumes {
-        devices,
+        staged,
         switched,
         mounted,
     }))
 }
 
-/// Binds each volume's slot to its driver, then waits for each disk's `/dev` node.
-fn find_disks(sys_pci: &Path, volumes: &[GuestVolume]) -> Result<Vec<PathBuf>, BootError> {
-    let t = std::time::Instant::now();
-    for volume in volumes {
-        disks::release_volume_slot(sys_pci, usize::from(volume.slot))
-            .map_err(|e| BootError::new("volumes", e))?;
+fn staging_dir(volume: &GuestVolume) -> String {
+    format!("{STAGING}/{}", volume.slot)
+}
+
+/// Drops what the guest cached of the disk while the placeholder was behind it (the
+/// kernel's partition scan before the snapshot point read its first blocks), then mounts
+/// the squashfs at `dir`.
+fn stage(dev: &Path, dir: &str) -> Result<(), BootError> {
+    let disk = std::fs::File::open(dev)
+        .map_err(|e| BootError::new("volumes", format!("open {}: {e}", dev.display())))?;
+    // SAFETY: BLKFLSBUF takes no argument; `disk` is an open block device.
+    if unsafe { libc::ioctl(disk.as_raw_fd(), BLKFLSBUF) } != 0 {
+        return Err(BootError::new(
+            "volumes",
+            format!(
+                "flushing {}'s cache: {}",
+                dev.display(),
+                std::io::Error::last_os_error()
+            ),
+        ));
     }
-    crate::console::debug(&format!(
-        "{} volume disk(s) bound in {} ms",
-        volumes.len(),
-        t.elapsed().as_millis()
-    ));
-    let serials: Vec<String> = volumes
-        .iter()
-        .map(|v| pen_proto::volume_disk_serial(usize::from(v.slot)))
-        .collect();
-    disks::wait_for_disks(&serials).map_err(|e| BootError::new("volumes", e))
+    std::fs::create_dir_all(dir)
+        .map_err(|e| BootError::new("volumes", format!("mkdir {dir}: {e}")))?;
+    system::mount_volume(dev, dir)
 }
 
 fn gone() -> BootError {
@@ -110,17 +119,18 @@ fn gone() -> BootError {
 }
 
 impl Volumes {
-    /// Meeting 1: every volume disk is there (before the switch of roots).
-    pub fn wait_for_disks(&self) -> Result<(), BootError> {
-        self.devices.recv().map_err(|_| gone())?
+    /// Meeting 1: every volume is mounted at its staging directory (before the switch of
+    /// roots, which moves `/run`).
+    pub fn wait_for_staged(&self) -> Result<(), BootError> {
+        self.staged.recv().map_err(|_| gone())?
     }
 
-    /// The switch of roots is done: mount.
+    /// The switch of roots is done: move the mounts to their paths.
     pub fn root_switched(&self) {
         let _ = self.switched.send(());
     }
 
-    /// Meeting 2: every volume is mounted (before `Ready`).
+    /// Meeting 2: every volume is at its path (before `Ready`).
     pub fn wait_for_mounts(self) -> Result<(), BootError> {
         self.mounted.recv().map_err(|_| gone())?
     }

@@ -45,6 +45,9 @@ pub(super) struct Stage1 {
     paused: bool,
     /// The VM's own devices are plugged in.
     attached: bool,
+    /// A cold boot's volume files (slot by slot), opened before QEMU starts and handed to
+    /// it by [`Stage1::attach`]; empty after a restore, whose command line names them.
+    volumes: Vec<File>,
 }
 
 fn ram_size(spec: &QemuSpec) -> u64 {
@@ -94,6 +97,12 @@ fn spawn_qemu(spec: &mut QemuSpec, ram: &File, incoming: bool) -> anyhow::Result
 /// Starts QEMU for a cold boot.
 pub(super) async fn start_cold(mut spec: QemuSpec) -> anyhow::Result<Machine> {
     let ram = create_ram(&spec)?;
+    // Opened now, so that the VM mounts the versions that were there when it started.
+    let volumes = spec
+        .volumes
+        .iter()
+        .map(|path| File::open(path).with_context(|| format!("opening {}", path.display())))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let mut qemu = spawn_qemu(&mut spec, &ram, false)?;
     let qmp = Qmp::handshake(connect_socket(&spec.qmp_socket, &mut qemu).await?).await?;
     Ok(Machine {
@@ -104,6 +113,7 @@ pub(super) async fn start_cold(mut spec: QemuSpec) -> anyhow::Result<Machine> {
             spec,
             paused: false,
             attached: false,
+            volumes,
         },
     })
 }
@@ -172,6 +182,7 @@ pub(super) async fn start_restored(
                 spec,
                 paused: true,
                 attached: false,
+                volumes: Vec::new(),
             },
         }),
         Err(e) => {
@@ -314,11 +325,25 @@ impl Stage1 {
         Ok((pending, qemu_version(&version)))
     }
 
-    /// Plugs in the VM's workspace device (once). After a restore this happens before the guest
-    /// runs, so that the guest's hotplug handling overlaps with our greeting round trip.
+    /// Plugs in the VM's workspace device and, on a cold boot, puts its volume files behind
+    /// their disks (once). After a restore this happens before the guest runs, so that the
+    /// guest's hotplug handling overlaps with our greeting round trip; on a cold boot, after
+    /// the snapshot was saved and before the guest gets its configuration.
     pub async fn attach(&mut self) -> anyhow::Result<()> {
         if self.attached {
             return Ok(());
+        }
+        for (slot, file) in std::mem::take(&mut self.volumes).iter().enumerate() {
+            self.qmp
+                .add_fd(qemu::volume_fdset(slot), file.as_fd())
+                .await
+                .context("attaching the VM's volumes")?;
+            for (command, arguments) in qemu::volume_attach_commands(slot) {
+                self.qmp
+                    .execute(command, arguments)
+                    .await
+                    .context("attaching the VM's volumes")?;
+            }
         }
         if let Some(sock) = &self.spec.virtiofs_socket {
             // Connected here and handed over: QEMU may not be able to open our sockets.
