@@ -22,7 +22,7 @@
 use std::io::Write;
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::PathBuf;
-use std::process::Stdio;
+use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -235,7 +235,7 @@ fn run(opts: &NetOpts, new: &Env, old: &Env) -> anyhow::Result<()> {
         };
         for (env, is_new) in order {
             let fig = if is_new { &mut fig_new } else { &mut fig_old };
-            one_rep(opts, env, is_new, &allow, &server, bytes, fig)?;
+            one_rep(opts, env, &allow, &server, bytes, fig)?;
             loads.push(loadavg());
         }
         eprintln!(
@@ -309,10 +309,18 @@ fn run(opts: &NetOpts, new: &Env, old: &Env) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Whether this pen has `--allow-host` (its own network backend; a pen on QEMU's user
+/// network reaches the host's loopback without it), so that any two pens compare.
+fn has_allow_host(env: &Env) -> bool {
+    Command::new(&env.opts.pen)
+        .args(["start", "--help"])
+        .output()
+        .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains("--allow-host"))
+}
+
 fn one_rep(
     opts: &NetOpts,
     env: &Env,
-    is_new: bool,
     allow: &[String],
     server: &Server,
     bytes: u64,
@@ -330,7 +338,7 @@ fn one_rep(
     env.wait_stopped()?;
 
     let mut args = vec!["start", VM];
-    if is_new {
+    if has_allow_host(env) {
         for a in allow {
             args.extend(["--allow-host", a.as_str()]);
         }

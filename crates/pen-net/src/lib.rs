@@ -9,7 +9,7 @@
 //!
 //! Guest view (what pen-init configures): guest 10.0.2.15/24, gateway 10.0.2.2 (stands for
 //! the host's 127.0.0.1, port by allowed port), DNS 10.0.2.3 (also answered at 10.0.2.2),
-//! MTU 1500. IPv4 only.
+//! MTU [`pen_proto::LINK_MTU`] (64 KiB frames: the link is a unix socket). IPv4 only.
 //!
 //! Use: [`Backend::bind`] before starting QEMU (policy checks and published-port listeners:
 //! a port in use is reported before the VM starts), then [`Backend::serve`] for each QEMU
@@ -48,8 +48,8 @@ pub const DNS_ADDR: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 3);
 pub const GUEST_ADDR: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 15);
 /// Prefix length of the guest subnet 10.0.2.0/24.
 pub const GUEST_SUBNET_PREFIX: u8 = 24;
-/// IP MTU of the link: virtio-net's default, what the guest assumes without being told.
-pub const MTU: usize = 1500;
+/// IP MTU of the link (see [`pen_proto::LINK_MTU`]).
+pub const MTU: usize = pen_proto::LINK_MTU;
 /// The gateway's MAC, fixed (slirp's) so a guest restored from a snapshot, whose ARP cache
 /// still holds it, keeps working with a new backend.
 pub const GATEWAY_MAC: [u8; 6] = [0x52, 0x55, 0x0a, 0x00, 0x02, 0x02];

@@ -60,6 +60,14 @@ pub fn overlay_disk_pci_address() -> String {
     format!("0000:00:{OVERLAY_DISK_PCI_SLOT:02x}.0")
 }
 
+/// The IP MTU of the link between the guest's NIC and pen's network backend (pen-net),
+/// which pen-init sets on the NIC. The link is a unix socket carrying whole Ethernet
+/// frames, so the largest frame QEMU's stream netdev carries (64 KiB) fits: each frame
+/// costs the guest, QEMU and pen-net about as much whatever its size, and the NIC has no
+/// segmentation offload (the stream netdev has no vnet header), so larger frames mean
+/// fewer of them. Nothing past pen-net sees it: pen-net terminates every connection.
+pub const LINK_MTU: usize = 65520;
+
 /// How many read-only volumes one VM can mount: the number of volume disks every VM's
 /// command line carries (a fixed device layout, so that one snapshot serves every VM).
 pub const VOLUME_SLOTS: usize = 8;

@@ -68,7 +68,8 @@ pub const MACHINE: &str = "q35";
 /// backend gave it; taking each snapshot once more is cheaper than relying on it.
 /// 4: [`pen_proto::VOLUME_SLOTS`] read-only volume disks.
 /// 5: the volume disks are probed before the snapshot point, against placeholders.
-pub const DEVICE_LAYOUT_VERSION: u32 = 5;
+/// 6: the NIC has an MTU of [`pen_proto::LINK_MTU`] and no link status (`status=off`).
+pub const DEVICE_LAYOUT_VERSION: u32 = 6;
 
 /// The PCIe root port the workspace device is hot-plugged into.
 const WORKSPACE_PORT: &str = "pen-rp-workspace";
@@ -374,14 +375,20 @@ pub fn args(spec: &QemuSpec) -> Vec<OsString> {
         "stream,id=net0,server=off,addr.type=unix,addr.path=",
         &spec.net_socket,
     ));
+    // No option ROM: the kernel is loaded directly, nothing boots from the network. The
+    // link's MTU (`host_mtu`, see pen_proto::LINK_MTU) is the device's: the guest driver
+    // takes it when it probes the NIC, before the snapshot point. No link status
+    // (`status=off`): the link never goes down, and with it the driver turns the carrier
+    // on once, at probe, before the interface is registered. With the status feature it
+    // turns it off and then on, and the kernel delays the second change by up to a second
+    // (linkwatch): a guest saved within that second was restored with the NIC up but not
+    // running (`state DOWN`, no IFF_RUNNING) for its first second.
+    let nic = format!(
+        "virtio-net-pci,netdev=net0,romfile=,status=off,host_mtu={}",
+        pen_proto::LINK_MTU
+    );
     let mut push = |items: &[&str]| a.extend(items.iter().map(OsString::from));
-    push(&[
-        "-device",
-        // No option ROM: the kernel is loaded directly, nothing boots from the network.
-        "virtio-net-pci,netdev=net0,romfile=",
-        "-device",
-        "virtio-rng-pci",
-    ]);
+    push(&["-device", &nic, "-device", "virtio-rng-pci"]);
 
     a.push("-device".into());
     a.push("virtio-serial-pci,id=vser0".into());
@@ -580,7 +587,7 @@ mod tests {
              -blockdev driver=raw,node-name=pen-vol7,file=pen-vol7-null,read-only=on \
              -device virtio-blk-pci,drive=pen-vol7,id=pen-vol7-dev,serial=pen-vol7,num-queues=1,addr=0x18 \
              -netdev stream,id=net0,server=off,addr.type=unix,addr.path=/run/pen/dev/net.sock \
-             -device virtio-net-pci,netdev=net0,romfile= -device virtio-rng-pci \
+             -device virtio-net-pci,netdev=net0,romfile=,status=off,host_mtu=65520 -device virtio-rng-pci \
              -device virtio-serial-pci,id=vser0 \
              -chardev socket,id=agent,path=/run/pen/dev/agent.sock,server=on,wait=off \
              -device virtserialport,bus=vser0.0,chardev=agent,name=org.pen.agent \
