@@ -288,15 +288,22 @@ fn configure(config: &GuestConfig, disks: &Disks, step: &dyn Fn(&str)) -> Result
     let (net_tx, network) = std::sync::mpsc::channel();
     // Taken now, before this thread can switch roots: the warm-up works in the initramfs.
     let initramfs = boot::prefetch::InitramfsRoot::open();
+    // The warm-up waits for the volumes to be mounted (the volume thread drops `warm_go`
+    // then; without volumes it is dropped at once): with 2 vCPUs, three busy threads would
+    // slow down this one, which the boot waits for.
+    let (warm_go, warm_wait) = std::sync::mpsc::channel::<()>();
     std::thread::Builder::new()
         .name("net".into())
         .spawn(move || {
             let _ = net_tx.send(net::bring_up(net_ifname.as_deref()));
+            let _ = warm_wait.recv();
             if let Ok(initramfs) = initramfs {
                 boot::prefetch::warm_exec(&initramfs, boot::SYSROOT);
             }
         })
         .map_err(|e| BootError::new("network", format!("thread: {e}")))?;
+    // The VM's volumes, mounted on their own thread (see `boot::volumes`).
+    let volumes = boot::volumes::start(&config.volumes, &disks.volumes, warm_go)?;
 
     // 4. overlay disk
     if disks.overlay_held {
@@ -304,8 +311,6 @@ fn configure(config: &GuestConfig, disks: &Disks, step: &dyn Fn(&str)) -> Result
             .map_err(|e| BootError::new("overlay", e))?;
         step("overlay disk bound");
     }
-    // The VM's volumes, mounted on their own thread (see `boot::volumes`).
-    let volumes = boot::volumes::start(&config.volumes, &disks.volumes)?;
     let dev = boot::disks::wait_for_disk(OVERLAY_DISK_SERIAL, &disks.known)
         .map_err(|e| BootError::new("overlay", e))?;
     step("overlay disk found");

@@ -33,10 +33,13 @@ pub struct Volumes {
 }
 
 /// Mounts `volumes` (each slot must have a disk in `disks`, from
-/// [`super::disks::volume_disks`]) on a new thread. `None` when the VM mounts no volume.
+/// [`super::disks::volume_disks`]) on a new thread, which drops `staged` once they are
+/// mounted at their staging directories. `None` when the VM mounts no volume (`staged` is
+/// dropped at once).
 pub fn start(
     volumes: &[GuestVolume],
     disks: &[Option<PathBuf>],
+    staged: Sender<()>,
 ) -> Result<Option<Volumes>, BootError> {
     if volumes.is_empty() {
         return Ok(None);
@@ -54,6 +57,7 @@ pub fn start(
         })
         .collect::<Result<Vec<_>, _>>()?;
     let volumes = volumes.to_vec();
+    let on_staged = staged;
     let (staged_tx, staged) = channel();
     let (switched, switched_rx) = channel();
     let (mounted_tx, mounted) = channel();
@@ -70,6 +74,7 @@ pub fn start(
                 volumes.len(),
                 t.elapsed().as_millis()
             ));
+            drop(on_staged);
             let failed = result.is_err();
             let _ = staged_tx.send(result);
             if failed || switched_rx.recv().is_err() {
