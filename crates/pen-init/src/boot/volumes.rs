@@ -33,13 +33,13 @@ pub struct Volumes {
 }
 
 /// Mounts `volumes` (each slot must have a disk in `disks`, from
-/// [`super::disks::volume_disks`]) on a new thread, which drops `staged` once they are
-/// mounted at their staging directories. `None` when the VM mounts no volume (`staged` is
-/// dropped at once).
+/// [`super::disks::volume_disks`]) on a new thread, which drops `on_staged` once they are
+/// mounted at their staging directories (its receiver then wakes up). `None` when the VM
+/// mounts no volume (`on_staged` is dropped at once).
 pub fn start(
     volumes: &[GuestVolume],
     disks: &[Option<PathBuf>],
-    staged: Sender<()>,
+    on_staged: Sender<()>,
 ) -> Result<Option<Volumes>, BootError> {
     if volumes.is_empty() {
         return Ok(None);
@@ -57,7 +57,6 @@ pub fn start(
         })
         .collect::<Result<Vec<_>, _>>()?;
     let volumes = volumes.to_vec();
-    let on_staged = staged;
     let (staged_tx, staged) = channel();
     let (switched, switched_rx) = channel();
     let (mounted_tx, mounted) = channel();
