@@ -263,7 +263,7 @@ fn interrupted_builds_leave_nothing_behind() {
 
     // The image and its snapshot live in the images every test shares.
     let in_profile_dir = format!("/images/profiles/{profile}/");
-    for snap in snapshots_where(&pen, |m| {
+    for snap in pen.snapshots_where(|m| {
         m["boot_files"]["rootfs"]["path"]
             .as_str()
             .is_some_and(|p| p.contains(&in_profile_dir))
@@ -329,35 +329,13 @@ fn snapshot_tmps(pen: &Pen) -> Vec<PathBuf> {
         .unwrap_or_default()
 }
 
-/// The saved snapshots whose manifest satisfies `mine`.
-fn snapshots_where(pen: &Pen, mine: impl Fn(&serde_json::Value) -> bool) -> Vec<PathBuf> {
-    std::fs::read_dir(pen.home.join("images/snapshots"))
-        .map(|r| {
-            r.flatten()
-                .map(|e| e.path())
-                .filter(|p| {
-                    std::fs::read(p.join("snapshot.json"))
-                        .ok()
-                        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-                        .is_some_and(|m| mine(&m))
-                })
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-/// The saved snapshots of VMs with `memory` MB (this test's own size).
-fn own_snapshots(pen: &Pen, memory: u32) -> Vec<PathBuf> {
-    snapshots_where(pen, |m| m["identity"]["memory_mb"] == memory)
-}
-
 #[test]
 fn sigkill_of_pen_supervisor_or_qemu_loses_no_synced_data() {
     let pen = Pen::new("kill9");
     // A memory size no other test uses (snapshot.rs takes 1024-1064) gives the VM snapshots
     // of its own: its first start with snapshots saves one. A failed run may have left one.
     let memory = 1096;
-    for snap in own_snapshots(&pen, memory) {
+    for snap in pen.own_snapshots(memory) {
         std::fs::remove_dir_all(snap).unwrap();
     }
     let mem = memory.to_string();
@@ -471,13 +449,13 @@ fn sigkill_of_pen_supervisor_or_qemu_loses_no_synced_data() {
         assert!(!tmp.exists(), "{} was not swept", tmp.display());
     }
     assert_eq!(
-        own_snapshots(&pen, memory).len(),
+        pen.own_snapshots(memory).len(),
         1,
         "the next start saved no snapshot"
     );
 
     // 4. QEMU killed at a snapshot save (the guest stopped, its state not yet sent).
-    for snap in own_snapshots(&pen, memory) {
+    for snap in pen.own_snapshots(memory) {
         std::fs::remove_dir_all(snap).unwrap();
     }
     let mut run = spawn_paused(&pen, &exec(&[], "cat /root/synced"), "snapshot migrate");
@@ -491,7 +469,7 @@ fn sigkill_of_pen_supervisor_or_qemu_loses_no_synced_data() {
 
     // 5. pen killed while its VM's supervisor saves a snapshot: the save completes and the
     // VM, left without clients, stops by itself; the next start restores it.
-    for snap in own_snapshots(&pen, memory) {
+    for snap in pen.own_snapshots(memory) {
         std::fs::remove_dir_all(snap).unwrap();
     }
     let mut run = spawn_paused(&pen, &exec(&[], "cat /root/synced"), "snapshot commit");
@@ -502,7 +480,7 @@ fn sigkill_of_pen_supervisor_or_qemu_loses_no_synced_data() {
     read_back("pen killed during a snapshot save", "one");
     pen.wait_status(vm, "stopped", TIMEOUT);
     assert_eq!(
-        own_snapshots(&pen, memory).len(),
+        pen.own_snapshots(memory).len(),
         1,
         "the save did not complete"
     );
@@ -522,7 +500,7 @@ fn sigkill_of_pen_supervisor_or_qemu_loses_no_synced_data() {
         wait_until(Duration::from_secs(60), || pen.status(vm) == "stopped"),
         "VM {vm} did not stop"
     );
-    for snap in own_snapshots(&pen, memory) {
+    for snap in pen.own_snapshots(memory) {
         let _ = std::fs::remove_dir_all(snap);
     }
 }

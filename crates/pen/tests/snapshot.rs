@@ -15,29 +15,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use common::*;
 
-/// `pen <verb> NAME --dir WS --cpus 1 --memory MB --disk-size 2G [extra...]`.
-fn shaped(pen: &Pen, verb: &str, name: &str, memory: u32, extra: &[&str]) -> Vec<String> {
-    pen.vm(name);
-    let mut args: Vec<String> = vec![verb.into(), name.into(), "--dir".into()];
-    args.push(pen.ws.to_string_lossy().into_owned());
-    for a in [
-        "--cpus",
-        "1",
-        "--memory",
-        &memory.to_string(),
-        "--disk-size",
-        "2G",
-    ] {
-        args.push(a.to_string());
-    }
-    args.extend(extra.iter().map(|s| s.to_string()));
-    args
-}
-
 /// `pen exec` of `command` in VM `name` of the given memory size.
 #[track_caller]
 fn exec_shaped(pen: &Pen, name: &str, memory: u32, command: &[&str]) -> Out {
-    let mut args = shaped(pen, "exec", name, memory, &[]);
+    let mut args = pen.shaped_args("exec", name, memory, &[]);
     args.push("--".into());
     args.extend(command.iter().map(|s| s.to_string()));
     pen.run(&args)
@@ -150,7 +131,7 @@ fn restored_vms_have_their_own_randomness_identity_and_clock() {
     let mut uuids = Vec::new();
     let mut ids = Vec::new();
     for name in ["alpha", "beta"] {
-        pen.run(&shaped(&pen, "start", name, 1024, &[])).ok();
+        pen.run(&pen.shaped_args("start", name, 1024, &[])).ok();
         assert_eq!(last_boot(&pen, name), Boot::Restored, "VM {name}");
         let before = now_secs_f64();
         let out = pen.exec(name, &["sh", "-c", script]).ok();
@@ -177,24 +158,12 @@ fn env_is_this_starts_only_and_never_in_a_snapshot() {
     let pen = Pen::new("snap-env");
     let first = random_token("first");
     let second = random_token("second");
-    let mut args = shaped(
-        &pen,
-        "exec",
-        "envy",
-        1024,
-        &["--env", &format!("TOKEN={first}")],
-    );
+    let mut args = pen.shaped_args("exec", "envy", 1024, &["--env", &format!("TOKEN={first}")]);
     args.extend(["--".into(), "true".into()]);
     pen.run(&args).ok();
     wait_stopped(&pen, "envy");
 
-    let mut args = shaped(
-        &pen,
-        "exec",
-        "envy",
-        1024,
-        &["--env", &format!("OTHER={second}")],
-    );
+    let mut args = pen.shaped_args("exec", "envy", 1024, &["--env", &format!("OTHER={second}")]);
     args.extend([
         "--".into(),
         "sh".into(),
@@ -347,7 +316,7 @@ fn mismatched_snapshot_boots_cold_and_is_replaced() {
 fn no_snapshot_boots_cold() {
     let pen = Pen::new("snap-off");
     ensure_snapshot(&pen, "cold", 1024);
-    let mut args = shaped(&pen, "exec", "cold", 1024, &["--no-snapshot"]);
+    let mut args = pen.shaped_args("exec", "cold", 1024, &["--no-snapshot"]);
     args.extend(["--".into(), "echo".into(), "cold".into()]);
     let out = pen.run(&args).ok();
     assert_eq!(out.stdout_str(), "cold\n", "{out}");
@@ -370,7 +339,7 @@ fn concurrent_first_boots_leave_one_snapshot() {
     let runs: Vec<Running> = ["racer1", "racer2"]
         .iter()
         .map(|name| {
-            let mut args = shaped(&pen, "exec", name, memory, &[]);
+            let mut args = pen.shaped_args("exec", name, memory, &[]);
             args.extend(["--".into(), "true".into()]);
             pen.spawn(&args, None)
         })

@@ -462,7 +462,7 @@ fn a_tar_stream_packs_into_a_volume() {
 
 /// The memory size of the VMs of [`a_snapshot_saved_with_small_volumes_serves_vms_with_bigger_ones`]:
 /// part of a snapshot's key, so they have a snapshot of their own.
-const SIZES_MEMORY: u64 = 1112;
+const SIZES_MEMORY: u32 = 1112;
 
 /// Every guest knows its volume disks by the size of the host's placeholders, probed
 /// before the snapshot point, never by the size of the volumes of the VM that happened to
@@ -473,15 +473,8 @@ const SIZES_MEMORY: u64 = 1112;
 fn a_snapshot_saved_with_small_volumes_serves_vms_with_bigger_ones() {
     let pen = Pen::new("vol-sizes");
     // No snapshot of this shape yet: the first VM below boots cold and saves it.
-    if let Ok(entries) = std::fs::read_dir(it_root().join("images/snapshots")) {
-        for dir in entries.flatten().map(|e| e.path()) {
-            let manifest: Option<serde_json::Value> = std::fs::read(dir.join("snapshot.json"))
-                .ok()
-                .and_then(|b| serde_json::from_slice(&b).ok());
-            if manifest.is_some_and(|m| m["identity"]["memory_mb"] == SIZES_MEMORY) {
-                std::fs::remove_dir_all(&dir).unwrap();
-            }
-        }
+    for snap in pen.own_snapshots(SIZES_MEMORY) {
+        std::fs::remove_dir_all(snap).unwrap();
     }
     pack_version(&pen, "small", "s");
     // 6 MB of random bytes: squashfs stores them as they are.
@@ -494,21 +487,12 @@ fn a_snapshot_saved_with_small_volumes_serves_vms_with_bigger_ones() {
     let host_sum = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&data));
 
     let shaped = |name: &str, volumes: &[&str], command: &str| -> Vec<String> {
-        let mut args = vec!["exec", name, "--dir"]
-            .into_iter()
-            .map(String::from)
-            .collect::<Vec<_>>();
-        args.push(pen.ws.to_string_lossy().into_owned());
-        let memory = SIZES_MEMORY.to_string();
-        for a in ["--cpus", "1", "--memory", &memory, "--disk-size", "2G"] {
-            args.push(a.into());
-        }
+        let mut extra = Vec::new();
         for v in volumes {
-            args.extend(["--volume".to_string(), v.to_string()]);
+            extra.extend(["--volume", v]);
         }
-        args.extend(["--", "sh", "-c", command].map(String::from));
-        pen.vm(name);
-        args
+        extra.extend(["--", "sh", "-c", command]);
+        pen.shaped_args("exec", name, SIZES_MEMORY, &extra)
     };
     let saver = "vsave";
     let out = pen

@@ -558,6 +558,49 @@ impl Pen {
         name.to_string()
     }
 
+    /// `pen <verb> NAME --dir WS --cpus 1 --memory MB --disk-size 2G [extra...]`: VM_FLAGS
+    /// but for the memory size, which is part of a snapshot's key (a test that needs
+    /// snapshots of its own gives its VMs a size no other test uses).
+    pub fn shaped_args(&self, verb: &str, name: &str, memory: u32, extra: &[&str]) -> Vec<String> {
+        self.vm(name);
+        let mut args: Vec<String> = vec![verb.into(), name.into(), "--dir".into()];
+        args.push(self.ws.to_string_lossy().into_owned());
+        for a in [
+            "--cpus",
+            "1",
+            "--memory",
+            &memory.to_string(),
+            "--disk-size",
+            "2G",
+        ] {
+            args.push(a.to_string());
+        }
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args
+    }
+
+    /// The saved snapshots (of the shared image directory) whose manifest satisfies `mine`.
+    pub fn snapshots_where(&self, mine: impl Fn(&serde_json::Value) -> bool) -> Vec<PathBuf> {
+        std::fs::read_dir(self.home.join("images/snapshots"))
+            .map(|r| {
+                r.flatten()
+                    .map(|e| e.path())
+                    .filter(|p| {
+                        std::fs::read(p.join("snapshot.json"))
+                            .ok()
+                            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                            .is_some_and(|m| mine(&m))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// The saved snapshots of VMs with `memory` MB (a size one test uses for itself).
+    pub fn own_snapshots(&self, memory: u32) -> Vec<PathBuf> {
+        self.snapshots_where(|m| m["identity"]["memory_mb"] == memory)
+    }
+
     /// `pen <verb> NAME --dir WS <VM_FLAGS> [extra...]`, the arguments of a command that
     /// may create or start the VM.
     pub fn create_args(&self, verb: &str, name: &str, extra: &[&str]) -> Vec<String> {
