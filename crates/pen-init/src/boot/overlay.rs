@@ -35,14 +35,8 @@ fn device_has_ext4(dev: &Path) -> Result<bool, BootError> {
 /// Stage 1: mounts the root image read-only at [`SYSROOT`].
 pub fn mount_root_image(dev: &Path) -> Result<(), BootError> {
     std::fs::create_dir_all(SYSROOT).map_err(|e| BootError::new("root", e.to_string()))?;
-    mount(
-        Some(dev),
-        SYSROOT,
-        Some("squashfs"),
-        MsFlags::MS_RDONLY | MsFlags::MS_NODEV,
-        None::<&str>,
-    )
-    .map_err(|e| BootError::new("root", format!("mount {} (squashfs): {e}", dev.display())))
+    super::system::mount_squashfs(dev, SYSROOT)
+        .map_err(|e| BootError::new("root", format!("mount {} (squashfs): {e}", dev.display())))
 }
 
 /// Formats `dev` with the root image's own mkfs.ext4 (the initramfs has no tools).

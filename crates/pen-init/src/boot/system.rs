@@ -189,8 +189,9 @@ pub fn mount_workspace(tag: &str) -> Result<(), BootError> {
     }
 }
 
-/// Mounts the squashfs volume on block device `dev` read-only at `dir`.
-pub fn mount_volume(dev: &std::path::Path, dir: &str) -> Result<(), BootError> {
+/// Mounts the squashfs on block device `dev` read-only at `dir`: the root image and the
+/// volumes alike.
+pub fn mount_squashfs(dev: &std::path::Path, dir: &str) -> nix::Result<()> {
     mount(
         Some(dev),
         dir,
@@ -198,7 +199,11 @@ pub fn mount_volume(dev: &std::path::Path, dir: &str) -> Result<(), BootError> {
         MsFlags::MS_RDONLY | MsFlags::MS_NODEV,
         None::<&str>,
     )
-    .map_err(|e| {
+}
+
+/// Mounts the squashfs volume on block device `dev` read-only at `dir`.
+pub fn mount_volume(dev: &std::path::Path, dir: &str) -> Result<(), BootError> {
+    mount_squashfs(dev, dir).map_err(|e| {
         BootError::new(
             "volumes",
             format!("mount {} (squashfs) on {dir}: {e}", dev.display()),
