@@ -103,7 +103,7 @@ fn the_host_is_unreachable_until_allowed_and_metadata_is_refused() {
     script += &probe("metadata", "169.254.169.254", 80);
     script += "getent hosts probe.pen.test; echo dns=$?";
 
-    // Open mode, the default.
+    // Public mode, the default.
     let mut cmd = pen.cmd(&pen.create_args("start", "vm", &[]));
     cmd.env("PEN_NET_HOSTS_FILE", &hosts_file);
     run_cmd(cmd, None, TIMEOUT).ok();
@@ -131,7 +131,7 @@ fn the_host_is_unreachable_until_allowed_and_metadata_is_refused() {
         0,
         "a host socket reached the test's listener"
     );
-    // Open mode resolves through pen's DNS (here from the hook's answer).
+    // Public mode resolves through pen's DNS (here from the hook's answer).
     assert!(
         text.contains("198.51.100.7") && text.contains("dns=0"),
         "{out}"
@@ -173,7 +173,7 @@ fn the_host_is_unreachable_until_allowed_and_metadata_is_refused() {
         .run(&pen.create_args("start", "vm", &["--allow-host", &allow]))
         .ok();
     assert!(
-        out.stderr.contains("network is now open (allow-host"),
+        out.stderr.contains("network is now public (allow-host"),
         "{out}"
     );
     let row = pen.row("vm").unwrap();
