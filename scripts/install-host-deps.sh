@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what pen needs on a Debian/Ubuntu host, once, for an ordinary user: QEMU,
 # mmdebstrap with `uidmap` (its unprivileged "unshare" mode), squashfs tools, tmux (the test
-# suite drives terminals with it), and a virtiofsd that runs without root.
+# suite drives terminals with it), iproute2 (the network tests build a LAN in namespaces),
+# and a virtiofsd that runs without root.
 #
 # `sudo` is used for apt-get only, and only when a package is missing. Everything else runs
 # as you: where the distribution has no package of the Rust virtiofsd (Debian 12), it is
@@ -17,7 +18,7 @@ VIRTIOFSD_VERSION=1.14.0
 
 sudo=""
 [ "$(id -u)" -eq 0 ] || sudo="sudo"
-packages=(qemu-system-x86 qemu-system-common mmdebstrap squashfs-tools-ng e2fsprogs uidmap tmux)
+packages=(qemu-system-x86 qemu-system-common mmdebstrap squashfs-tools-ng e2fsprogs uidmap tmux iproute2)
 
 # A packaged Rust virtiofsd (Debian 13, Ubuntu 24.04) when the archive has one; otherwise
 # what building it needs.

@@ -342,19 +342,13 @@ fn discard_scratch(scratch: &Path) {
 }
 
 /// The builder VM's network: the profile's `[network]` (checked here, naming the profile
-/// file), else open.
+/// file), else `public`: a build reaches the internet, not the LAN of the machine it runs
+/// on.
 fn profile_network(profile: &LoadedProfile) -> anyhow::Result<pen_core::vm::NetworkSettings> {
-    let mut settings = profile.profile.network_settings();
-    if profile.profile.network.is_some() {
-        settings.allow = pen_vm::net::parse_domains(settings.allow.iter().map(String::as_str))
-            .map_err(|e| {
-                pen_core::UsageError::new(format!(
-                    "{}: [network] allow: {e}",
-                    profile.path.display()
-                ))
-            })?;
-    }
-    Ok(settings)
+    Ok(
+        pen_vm::net::profile_settings(&profile.profile, &profile.path)
+            .map_err(pen_core::UsageError::new)?,
+    )
 }
 
 /// What the builder's network refused (its supervisor.log), as a hint for a failed step:
@@ -369,7 +363,7 @@ fn network_refusals_hint(vm_paths: &VmPaths, profile: &LoadedProfile) -> String 
         return String::new();
     }
     let mut hint = format!(
-        "\nhint: the build's network refused (profile {}'s [network] allow decides):",
+        "\nhint: the build's network refused (profile {}'s [network] decides; without one it is public: the internet, not the LAN):",
         profile.name
     );
     for line in refused.iter().take(10) {

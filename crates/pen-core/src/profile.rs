@@ -33,7 +33,7 @@ pub struct Profile {
     #[serde(default)]
     pub vm: Option<VmSection>,
     /// The network policy of the builder VM and the default of VMs made from the profile.
-    /// Without it both are `open`.
+    /// Without it both are `public`.
     #[serde(default)]
     pub network: Option<NetworkSection>,
     /// Read-only volumes (`"NAME:/guest/path"`) attached to VMs made from the profile.
@@ -41,26 +41,53 @@ pub struct Profile {
     pub volumes: Vec<String>,
 }
 
-/// `[network] allow = ["deb.debian.org", "*.example.org"]`: only these names resolve, and
-/// only the addresses they resolve to are reachable (pen's `--network allow=...`). The
-/// domains are checked by pen-net where the profile is used (pen-core holds only data).
+/// `[network]`: `allow = ["deb.debian.org", "*.example.org"]` (only these names resolve,
+/// and only the addresses they resolve to are reachable: pen's `--network allow=...`), or
+/// `mode = "public" | "open" | "none"`; and `allow_net = ["10.20.0.0/16"]` (`--allow-net`).
+/// The domains and ranges are checked by pen-net where the profile is used (pen-core
+/// holds only data).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct NetworkSection {
-    pub allow: Vec<String>,
+    #[serde(default)]
+    pub mode: Option<String>,
+    #[serde(default)]
+    pub allow: Option<Vec<String>>,
+    #[serde(default)]
+    pub allow_net: Vec<String>,
 }
 
 impl Profile {
-    /// The network settings the profile asks for: `allow` with its list, else `open`.
-    pub fn network_settings(&self) -> crate::vm::NetworkSettings {
-        match &self.network {
-            Some(n) => crate::vm::NetworkSettings {
-                mode: crate::vm::NETWORK_ALLOW.to_string(),
-                allow: n.allow.clone(),
-                ..Default::default()
-            },
-            None => crate::vm::NetworkSettings::default(),
-        }
+    /// The network settings the profile asks for: its `[network]`, else `public` (not
+    /// chosen). An error (one line, without the file's name) for a mode pen does not know
+    /// or a mode given beside `allow`.
+    pub fn network_settings(&self) -> Result<crate::vm::NetworkSettings, String> {
+        use crate::vm::{NETWORK_ALLOW, NETWORK_NONE, NETWORK_OPEN, NETWORK_PUBLIC};
+        let Some(n) = &self.network else {
+            return Ok(crate::vm::NetworkSettings::default());
+        };
+        let mode = match (n.mode.as_deref(), &n.allow) {
+            (Some(mode), Some(_)) => {
+                return Err(format!(
+                    "[network] has both mode = \"{mode}\" and allow; allow is a mode of its own, give one of them"
+                ))
+            }
+            (None, Some(_)) => NETWORK_ALLOW,
+            (None, None) => NETWORK_PUBLIC,
+            (Some(mode @ (NETWORK_PUBLIC | NETWORK_OPEN | NETWORK_NONE)), None) => mode,
+            (Some(other), None) => {
+                return Err(format!(
+                    "[network] mode \"{other}\" is not public, open or none (or give allow = [...])"
+                ))
+            }
+        };
+        Ok(crate::vm::NetworkSettings {
+            mode: mode.to_string(),
+            mode_chosen: true,
+            allow: n.allow.clone().unwrap_or_default(),
+            allow_nets: n.allow_net.clone(),
+            ..Default::default()
+        })
     }
 }
 
@@ -268,14 +295,42 @@ mod tests {
     }
 
     #[test]
-    fn network_section_is_an_allow_list_and_unknown_keys_are_errors() {
+    fn network_section_is_a_mode_or_an_allow_list_and_unknown_keys_are_errors() {
         let profile = p("[network]\nallow = [\"deb.debian.org\", \"*.example.org\"]\n").unwrap();
-        let n = profile.network_settings();
-        assert_eq!((n.mode.as_str(), n.allow.len()), ("allow", 2));
-        assert_eq!(p("").unwrap().network_settings().mode, "open");
-        let err = p("[network]\nallow = []\nmode = \"none\"\n").unwrap_err().0;
+        let n = profile.network_settings().unwrap();
+        assert_eq!(
+            (n.mode.as_str(), n.allow.len(), n.mode_chosen),
+            ("allow", 2, true)
+        );
+        let n = p("").unwrap().network_settings().unwrap();
+        assert_eq!((n.mode.as_str(), n.mode_chosen), ("public", false));
+        let n = p("[network]\nmode = \"open\"\nallow_net = [\"10.1.0.0/16\"]\n")
+            .unwrap()
+            .network_settings()
+            .unwrap();
+        assert_eq!((n.mode.as_str(), n.mode_chosen), ("open", true));
+        assert_eq!(n.allow_nets, ["10.1.0.0/16"]);
+        let n = p("[network]\nallow_net = [\"10.1.0.0/16\"]\n")
+            .unwrap()
+            .network_settings()
+            .unwrap();
+        assert_eq!(n.mode, "public");
+        let err = p("[network]\nallow = []\nmode = \"none\"\n")
+            .unwrap()
+            .network_settings()
+            .unwrap_err();
+        assert!(err.contains("both mode = \"none\" and allow"), "{err}");
+        let err = p("[network]\nmode = \"lan\"\n")
+            .unwrap()
+            .network_settings()
+            .unwrap_err();
         assert!(
-            err.starts_with("/h/profiles/x.toml:3:1: unknown field `mode`"),
+            err.contains("mode \"lan\" is not public, open or none"),
+            "{err}"
+        );
+        let err = p("[network]\nallow = []\nallow_nets = []\n").unwrap_err().0;
+        assert!(
+            err.starts_with("/h/profiles/x.toml:3:1: unknown field `allow_nets`"),
             "{err}"
         );
     }

@@ -34,8 +34,8 @@ pub struct VmConfig {
     /// Seconds since the epoch.
     pub created_at: u64,
     /// The guest network's policy and published ports. Absent in vm.json files written
-    /// before pen had a network policy: those VMs are `open`.
-    #[serde(default)]
+    /// before pen had a network policy: those VMs were `open`, pen's default then.
+    #[serde(default = "NetworkSettings::recorded_before_public")]
     pub network: NetworkSettings,
     /// Read-only volumes mounted at each start, in order (at most
     /// [`crate::volume::MAX_VOLUMES`]).
@@ -46,35 +46,59 @@ pub struct VmConfig {
 /// A VM's network settings as recorded: plain strings, checked by pen-net's parsers where
 /// they enter (the CLI, before anything is created) and where they are used (the
 /// supervisor). pen-core is the data layer and does not depend on pen-net.
+///
+/// Fields missing from a vm.json take the values of a file written before `public`
+/// existed ([`NetworkSettings::recorded_before_public`]): `open`, not chosen.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default = "NetworkSettings::recorded_before_public")]
 pub struct NetworkSettings {
-    /// `open`, `none` or `allow`.
+    /// `public`, `open`, `none` or `allow`.
     pub mode: String,
+    /// Whether `mode` was chosen (`--network`, a profile's `[network]`) rather than taken
+    /// from pen's default when the VM was created. A VM that got `open` only as the old
+    /// default becomes `public` at its next start ([`resolve_config`]); a chosen `open`
+    /// stays. False in files written before this field existed.
+    pub mode_chosen: bool,
     /// Domain patterns for mode `allow` (`api.example.com`, `*.example.org`).
     pub allow: Vec<String>,
     /// Exact `ADDR:PORT` host destinations reachable in every mode (`--allow-host`).
     pub allow_hosts: Vec<String>,
+    /// Internal ranges reachable in every mode (`--allow-net`, `10.20.0.0/16`).
+    pub allow_nets: Vec<String>,
     /// `--publish` specs, `[HOST_ADDR:]HOST_PORT:GUEST_PORT[/tcp|/udp]`.
     pub publish: Vec<String>,
 }
 
+/// A new VM's network when nothing is chosen: `public`.
 impl Default for NetworkSettings {
     fn default() -> Self {
         NetworkSettings {
-            mode: NETWORK_OPEN.to_string(),
-            allow: Vec::new(),
-            allow_hosts: Vec::new(),
-            publish: Vec::new(),
+            mode: NETWORK_PUBLIC.to_string(),
+            ..NetworkSettings::recorded_before_public()
         }
     }
 }
 
+/// The internet only: the private and special-purpose ranges are refused. The default.
+pub const NETWORK_PUBLIC: &str = "public";
 pub const NETWORK_OPEN: &str = "open";
 pub const NETWORK_NONE: &str = "none";
 pub const NETWORK_ALLOW: &str = "allow";
 
 impl NetworkSettings {
+    /// What a vm.json written before mode `public` existed meant by a missing network (or
+    /// missing fields): `open`, pen's default then, not chosen.
+    pub fn recorded_before_public() -> Self {
+        NetworkSettings {
+            mode: NETWORK_OPEN.to_string(),
+            mode_chosen: false,
+            allow: Vec::new(),
+            allow_hosts: Vec::new(),
+            allow_nets: Vec::new(),
+            publish: Vec::new(),
+        }
+    }
+
     /// The mode as `--network` spells it: `open`, `none`, `allow=a.example,b.example`.
     pub fn mode_text(&self) -> String {
         if self.mode == NETWORK_ALLOW {
@@ -84,11 +108,15 @@ impl NetworkSettings {
         }
     }
 
-    /// One line for `pen list`: the mode, then `+N host(s)` and `+N port(s)` when set.
+    /// One line for `pen list`: the mode, then `+N host(s)`, `+N net(s)` and `+N port(s)`
+    /// when set.
     pub fn summary(&self) -> String {
         let mut s = self.mode_text();
         if !self.allow_hosts.is_empty() {
             s.push_str(&format!(" +{}host", self.allow_hosts.len()));
+        }
+        if !self.allow_nets.is_empty() {
+            s.push_str(&format!(" +{}net", self.allow_nets.len()));
         }
         if !self.publish.is_empty() {
             s.push_str(&format!(" +{}port", self.publish.len()));
@@ -442,6 +470,8 @@ pub struct CreationFlags {
     pub network_mode: Option<(String, Vec<String>)>,
     /// `--allow-host` values when any was given (they replace the recorded list).
     pub allow_hosts: Option<Vec<String>>,
+    /// `--allow-net` values when any was given (they replace the recorded list; checked).
+    pub allow_nets: Option<Vec<String>>,
     /// `--publish` values when any was given (they replace the recorded list).
     pub publish: Option<Vec<String>>,
     /// `--volume` values when any was given (they replace the recorded list; checked).
@@ -506,15 +536,37 @@ pub fn resolve_config(
             vm.dir = dir.clone();
         }
     }
-    let network = network_from_flags(vm.network.clone(), flags);
+    let mut recorded = vm.network.clone();
+    let old_default =
+        recorded.mode == NETWORK_OPEN && !recorded.mode_chosen && flags.network_mode.is_none();
+    if old_default && !running {
+        // `open` only because it was the default when the VM was created: the default is
+        // `public` now, so the LAN closes. Said once: the new mode is saved at this start.
+        recorded.mode = NETWORK_PUBLIC.to_string();
+        notices.push(format!(
+            "VM {name}'s network is now public (the internet, not the LAN: pen's new default) instead of open; to keep open, start it with --network open"
+        ));
+        vm.network = recorded.clone();
+    }
+    let network = network_from_flags(recorded, flags);
     if network != vm.network {
-        changes.push("--network/--allow-host/--publish");
+        // `--network open` given to a VM that has it as the old default: nothing changes
+        // but the record that it is now chosen.
+        let only_chosen = NetworkSettings {
+            mode_chosen: vm.network.mode_chosen,
+            ..network.clone()
+        } == vm.network;
+        if running || !only_chosen {
+            changes.push("--network/--allow-host/--allow-net/--publish");
+        }
         if !running {
-            notices.push(format!(
-                "VM {name}'s network is now {} (was {})",
-                describe_network(&network),
-                describe_network(&vm.network)
-            ));
+            if !only_chosen {
+                notices.push(format!(
+                    "VM {name}'s network is now {} (was {})",
+                    describe_network(&network),
+                    describe_network(&vm.network)
+                ));
+            }
             vm.network = network;
         }
     }
@@ -542,10 +594,14 @@ pub fn resolve_config(
 fn network_from_flags(mut base: NetworkSettings, flags: &CreationFlags) -> NetworkSettings {
     if let Some((mode, allow)) = &flags.network_mode {
         base.mode = mode.clone();
+        base.mode_chosen = true;
         base.allow = allow.clone();
     }
     if let Some(hosts) = &flags.allow_hosts {
         base.allow_hosts = hosts.clone();
+    }
+    if let Some(nets) = &flags.allow_nets {
+        base.allow_nets = nets.clone();
     }
     if let Some(publish) = &flags.publish {
         base.publish = publish.clone();
@@ -553,11 +609,15 @@ fn network_from_flags(mut base: NetworkSettings, flags: &CreationFlags) -> Netwo
     base
 }
 
-/// `allow=a.example (allow-host 127.0.0.1:8080; publish 8080:80)`, for notices.
+/// `allow=a.example (allow-host 127.0.0.1:8080; allow-net 10.20.0.0/16; publish 8080:80)`,
+/// for notices.
 pub fn describe_network(n: &NetworkSettings) -> String {
     let mut extra = Vec::new();
     if !n.allow_hosts.is_empty() {
         extra.push(format!("allow-host {}", n.allow_hosts.join(" ")));
+    }
+    if !n.allow_nets.is_empty() {
+        extra.push(format!("allow-net {}", n.allow_nets.join(" ")));
     }
     if !n.publish.is_empty() {
         extra.push(format!("publish {}", n.publish.join(" ")));
@@ -687,11 +747,103 @@ mod resolve_tests {
     }
 
     #[test]
-    fn old_vm_json_without_network_is_open() {
+    fn old_vm_json_without_network_is_open_by_default() {
         let json = r#"{"name":"dev","dir":"/x","cpus":1,"memory_mb":512,"disk_size":1,"profile":null,"created_at":1}"#;
         let vm: VmConfig = serde_json::from_str(json).unwrap();
-        assert_eq!(vm.network, NetworkSettings::default());
+        assert_eq!(vm.network, NetworkSettings::recorded_before_public());
         assert_eq!(vm.network.summary(), "open");
+        assert!(!vm.network.mode_chosen);
+    }
+
+    /// What pen wrote before mode `public`: `open` as the default, or chosen; no
+    /// `mode_chosen` either way.
+    fn old_vm(mode: &str) -> VmConfig {
+        let json = format!(
+            r#"{{"name":"dev","dir":"/x","cpus":1,"memory_mb":512,"disk_size":1,"profile":null,"created_at":1,
+            "network":{{"mode":"{mode}","allow":[],"allow_hosts":["127.0.0.1:9"],"publish":[]}}}}"#
+        );
+        serde_json::from_str(&json).unwrap()
+    }
+
+    #[test]
+    fn a_vm_open_by_the_old_default_becomes_public_at_its_next_start() {
+        let none = CreationFlags::default();
+        let (vm, notices) =
+            resolve_config("dev", Some(old_vm("open")), &none, false, Path::new("/x"));
+        assert_eq!(vm.network.mode, NETWORK_PUBLIC);
+        assert!(!vm.network.mode_chosen);
+        assert_eq!(vm.network.allow_hosts, ["127.0.0.1:9"], "the rest stays");
+        assert_eq!(
+            notices,
+            ["VM dev's network is now public (the internet, not the LAN: pen's new default) instead of open; to keep open, start it with --network open"]
+        );
+        // Once saved, it is public without a word.
+        let (again, notices) =
+            resolve_config("dev", Some(vm.clone()), &none, false, Path::new("/x"));
+        assert_eq!((again, notices), (vm, vec![]));
+
+        // Running: it keeps what its supervisor serves, and nothing is said yet.
+        let (vm, notices) =
+            resolve_config("dev", Some(old_vm("open")), &none, true, Path::new("/x"));
+        assert_eq!((vm, notices), (old_vm("open"), vec![]));
+
+        // `--network open` keeps it open, now as a choice, without a notice.
+        let open = CreationFlags {
+            network_mode: Some(("open".into(), vec![])),
+            ..Default::default()
+        };
+        let (vm, notices) =
+            resolve_config("dev", Some(old_vm("open")), &open, false, Path::new("/x"));
+        assert_eq!(
+            (vm.network.mode.as_str(), vm.network.mode_chosen),
+            ("open", true)
+        );
+        assert!(notices.is_empty(), "{notices:?}");
+        let (vm, notices) = resolve_config("dev", Some(vm), &none, false, Path::new("/x"));
+        assert_eq!(vm.network.mode, "open");
+        assert!(notices.is_empty(), "{notices:?}");
+
+        // Another mode was always a choice.
+        let (vm, notices) =
+            resolve_config("dev", Some(old_vm("none")), &none, false, Path::new("/x"));
+        assert_eq!((vm.network.mode.as_str(), notices), ("none", vec![]));
+    }
+
+    #[test]
+    fn a_new_vm_is_public_unless_a_mode_is_chosen() {
+        let (vm, _) = resolve_config(
+            "dev",
+            None,
+            &CreationFlags::default(),
+            false,
+            Path::new("/x"),
+        );
+        assert_eq!(
+            (vm.network.mode.as_str(), vm.network.mode_chosen),
+            ("public", false)
+        );
+        let open = CreationFlags {
+            network_mode: Some(("open".into(), vec![])),
+            allow_nets: Some(vec!["10.20.0.0/16".into()]),
+            ..Default::default()
+        };
+        let (vm, _) = resolve_config("dev", None, &open, false, Path::new("/x"));
+        assert_eq!(
+            (vm.network.mode.as_str(), vm.network.mode_chosen),
+            ("open", true)
+        );
+        assert_eq!(vm.network.summary(), "open +1net");
+        // Saved and read back, a chosen open stays open.
+        let json = serde_json::to_string(&vm).unwrap();
+        let back: VmConfig = serde_json::from_str(&json).unwrap();
+        let (again, notices) = resolve_config(
+            "dev",
+            Some(back),
+            &CreationFlags::default(),
+            false,
+            Path::new("/x"),
+        );
+        assert_eq!((again, notices), (vm, vec![]));
     }
 
     #[test]
@@ -706,7 +858,7 @@ mod resolve_tests {
         assert_eq!(vm.network.publish, ["8080:80"]);
         assert_eq!(
             notices,
-            ["VM dev's network is now allow=deb.debian.org (publish 8080:80) (was open)"]
+            ["VM dev's network is now allow=deb.debian.org (publish 8080:80) (was public)"]
         );
         // Flags that are not given keep what is recorded.
         let flags = CreationFlags {
@@ -719,7 +871,7 @@ mod resolve_tests {
         let (vm3, notices) = resolve_config("dev", Some(vm.clone()), &flags, true, Path::new("/x"));
         assert_eq!(vm3, vm);
         assert!(
-            notices[0].contains("--network/--allow-host/--publish ignored"),
+            notices[0].contains("--network/--allow-host/--allow-net/--publish ignored"),
             "{notices:?}"
         );
     }

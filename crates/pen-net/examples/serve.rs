@@ -1,8 +1,8 @@
 //! Serve pen-net on a unix socket for a hand-started QEMU:
 //!
 //! ```text
-//! cargo run -p pen-net --example serve -- /tmp/net.sock [--none] [--allow DOMAIN]...
-//!     [--allow-host ADDR:PORT]... [--publish SPEC]...
+//! cargo run -p pen-net --example serve -- /tmp/net.sock [--open|--none] [--allow DOMAIN]...
+//!     [--allow-host ADDR:PORT]... [--allow-net CIDR]... [--publish SPEC]...
 //! qemu-system-x86_64 ... -netdev stream,id=net0,server=off,addr.type=unix,addr.path=/tmp/net.sock \
 //!     -device virtio-net-pci,netdev=net0
 //! ```
@@ -10,7 +10,7 @@
 //! Each QEMU connection is served in turn (a restarted QEMU reconnects to the same
 //! backend); refusals are printed as they happen.
 
-use pen_net::{validate_domain, Backend, Mode, NetworkPolicy, PublishSpec};
+use pen_net::{validate_domain, Backend, Cidr, Mode, NetworkPolicy, PublishSpec};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -22,9 +22,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     while let Some(a) = args.next() {
         let mut val = || args.next().ok_or(format!("{a} needs a value"));
         match a.as_str() {
+            "--open" => policy.mode = Mode::Open,
             "--none" => policy.mode = Mode::None,
             "--allow" => domains.push(validate_domain(&val()?)?),
             "--allow-host" => policy.allow_hosts.push(val()?.parse()?),
+            "--allow-net" => policy.allow_nets.push(Cidr::parse(&val()?)?),
             "--publish" => publishes.push(val()?),
             other => return Err(format!("unknown option {other}").into()),
         }

@@ -93,19 +93,25 @@ pub(crate) async fn answer(
             Err(_) => return (reply(&packet, RCODE::ServerFailure, &[]), None),
         },
     };
+    // Mode public: no answer into the LAN (DNS rebinding), whichever resolver gave it.
+    let (addrs, screened) = policy.lock().unwrap().screen_answer(addrs);
+    let refusal = screened.map(|reason| NameRefusal {
+        name: name.clone(),
+        reason,
+    });
     let v4: Vec<Ipv4Addr> = dedup(addrs.iter().filter_map(|a| match a {
         IpAddr::V4(v) => Some(*v),
         IpAddr::V6(v) => v.to_ipv4_mapped(),
     }));
     if v4.is_empty() {
-        return (reply(&packet, RCODE::NameError, &[]), None);
+        return (reply(&packet, RCODE::NameError, &[]), refusal);
     }
     // Stay under the 512-byte UDP limit (no TCP fallback here): 16 answers is ~300 bytes.
     let mut v4 = v4;
     v4.truncate(16);
     let recorded: Vec<IpAddr> = v4.iter().map(|a| IpAddr::V4(*a)).collect();
     policy.lock().unwrap().record_resolved(&name, &recorded);
-    (reply(&packet, RCODE::NoError, &v4), None)
+    (reply(&packet, RCODE::NoError, &v4), refusal)
 }
 
 fn dedup(it: impl Iterator<Item = Ipv4Addr>) -> Vec<Ipv4Addr> {
@@ -173,11 +179,23 @@ mod tests {
             vec!["192.0.2.11".parse().unwrap()],
         );
         o.insert("empty.test".to_string(), vec![]);
+        o.insert(
+            "rebind.test".to_string(),
+            vec!["10.200.0.2".parse().unwrap()],
+        );
+        o.insert(
+            "mixed.test".to_string(),
+            vec![
+                "::ffff:192.168.0.1".parse().unwrap(),
+                "203.0.113.9".parse().unwrap(),
+            ],
+        );
         Arc::new(Mutex::new(
             Policy::new(
                 NetworkPolicy {
                     mode,
                     allow_hosts: vec![],
+                    allow_nets: vec![],
                     dns_overrides: o,
                 },
                 HashSet::new(),
@@ -242,6 +260,48 @@ mod tests {
         let (r, _) = answer(&p, &query("HOST.pen.internal", TYPE::A)).await;
         let (rcode, addrs, _) = parse(&r.unwrap());
         assert_eq!((rcode, addrs), (RCODE::NoError, vec![GATEWAY]));
+    }
+
+    #[tokio::test]
+    async fn public_mode_refuses_answers_into_internal_ranges() {
+        let p = policy(Mode::Public);
+        let (r, refused) = answer(&p, &query("rebind.test", TYPE::A)).await;
+        assert_eq!(parse(&r.unwrap()).0, RCODE::NameError);
+        let refused = refused.unwrap();
+        assert_eq!(refused.name, "rebind.test");
+        assert!(
+            matches!(refused.reason, RefuseReason::InternalAnswer(ip, _) if ip.to_string() == "10.200.0.2"),
+            "{refused:?}"
+        );
+        assert_eq!(
+            p.lock()
+                .unwrap()
+                .resolved_name("10.200.0.2".parse().unwrap()),
+            None
+        );
+        // The public part of an answer is given; the mapped LAN address is not.
+        let (r, refused) = answer(&p, &query("mixed.test", TYPE::A)).await;
+        let (rcode, addrs, _) = parse(&r.unwrap());
+        assert_eq!(
+            (rcode, addrs),
+            (
+                RCODE::NoError,
+                vec!["203.0.113.9".parse::<Ipv4Addr>().unwrap()]
+            )
+        );
+        assert!(refused.is_some());
+        // Documentation ranges are public here (build machines use them).
+        let (r, refused) = answer(&p, &query("allowed.test", TYPE::A)).await;
+        assert_eq!(
+            parse(&r.unwrap()).1,
+            vec!["192.0.2.10".parse::<Ipv4Addr>().unwrap()]
+        );
+        assert_eq!(refused, None);
+        // Open mode answers the LAN address.
+        let open = policy(Mode::Open);
+        let (r, refused) = answer(&open, &query("rebind.test", TYPE::A)).await;
+        assert_eq!(parse(&r.unwrap()).1, vec![Ipv4Addr::new(10, 200, 0, 2)]);
+        assert_eq!(refused, None);
     }
 
     #[tokio::test]

@@ -33,12 +33,14 @@ mod dns;
 pub mod frames;
 pub mod policy;
 pub mod publish;
+pub mod ranges;
 
 use std::net::Ipv4Addr;
 
 pub use backend::{Backend, NetEvent};
 pub use policy::{validate_domain, Mode, NetworkPolicy, Proto, RefuseReason, HOST_NAME};
 pub use publish::PublishSpec;
+pub use ranges::{Cidr, CidrError};
 
 /// The gateway: pen's side of the link; stands for the host's loopback.
 pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);

@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
+use crate::ranges::{embedded_ipv4, internal_range, Cidr};
 use crate::{NetError, GATEWAY, GUEST_SUBNET_PREFIX};
 
 /// Host name that pen's DNS answers with the gateway address, so a guest can name
@@ -17,8 +18,13 @@ pub const HOST_NAME: &str = "host.pen.internal";
 /// How much of the outside world the guest may reach.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum Mode {
-    /// Internet and LAN over TCP and UDP; DNS answered by pen from the host's resolver.
+    /// The internet only, over TCP and UDP: the internal ranges
+    /// ([`crate::ranges::INTERNAL_RANGES`]: private, shared, special-purpose, IPv6
+    /// unique-local) are refused, and so are DNS answers pointing into them (DNS rebinding).
+    /// DNS answered by pen from the host's resolver.
     #[default]
+    Public,
+    /// Internet and LAN over TCP and UDP; DNS answered by pen from the host's resolver.
     Open,
     /// Nothing leaves the VM (except exact `allow_hosts` entries).
     None,
@@ -36,6 +42,10 @@ pub struct NetworkPolicy {
     /// otherwise forbidden ones (the host's loopback: `127.0.0.1:8080`, reached from the
     /// guest as `10.0.2.2:8080` or `host.pen.internal:8080`).
     pub allow_hosts: Vec<SocketAddr>,
+    /// Internal ranges the guest may reach whatever the mode (`--allow-net 10.20.0.0/16`):
+    /// what `public` keeps out, opened range by range. Never loopback, link-local or the
+    /// host's own addresses (checked before these).
+    pub allow_nets: Vec<Cidr>,
     /// Hosts-file style answers for pen's DNS (lower-case name -> addresses), consulted
     /// before the host's resolver. Tests use it to control resolution; the mode still
     /// applies (in `Allow` mode an overridden name must also be allowed).
@@ -136,6 +146,10 @@ pub enum RefuseReason {
     HostOwnAddress,
     /// Another address in the guest's own subnet (nothing lives there but the gateway).
     GuestSubnet,
+    /// Mode `public`: an address in one of the internal ranges.
+    Internal(Cidr),
+    /// Mode `public`: a DNS answer (this address) in one of the internal ranges.
+    InternalAnswer(IpAddr, Cidr),
     /// Mode `none`.
     ModeNone,
     /// Mode `allow`: the address was not resolved from an allowed name for this VM.
@@ -147,6 +161,18 @@ pub enum RefuseReason {
 impl fmt::Display for RefuseReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
+            RefuseReason::Internal(range) => {
+                return write!(
+                    f,
+                    "internal address ({range}) in network mode public (--allow-net or --network open opens it)"
+                )
+            }
+            RefuseReason::InternalAnswer(addr, range) => {
+                return write!(
+                    f,
+                    "answer {addr} is an internal address ({range}) in network mode public"
+                )
+            }
             RefuseReason::HostLoopbackNotAllowed => {
                 "host loopback port not allowed (needs --allow-host 127.0.0.1:PORT)"
             }
@@ -177,7 +203,7 @@ pub fn forbidden_class(ip: IpAddr) -> Option<RefuseReason> {
             }
         }
         IpAddr::V6(v6) => {
-            if let Some(v4) = v6.to_ipv4_mapped() {
+            if let Some(v4) = embedded_ipv4(v6) {
                 return forbidden_class(IpAddr::V4(v4));
             }
             let seg0 = v6.segments()[0];
@@ -261,13 +287,48 @@ impl Policy {
         self.policy.dns_overrides.get(name)
     }
 
+    /// The addresses of a DNS answer for `name` the guest may be given: all of them, but in
+    /// mode `public` none in an internal range, unless the user opened it (`allow_nets`, an
+    /// `allow_hosts` entry for the address). Also returns the first one dropped, with its
+    /// range, for the log: a public name that resolves to a LAN address is how DNS
+    /// rebinding reaches the LAN.
+    pub fn screen_answer(&self, addrs: Vec<IpAddr>) -> (Vec<IpAddr>, Option<RefuseReason>) {
+        if self.policy.mode != Mode::Public {
+            return (addrs, None);
+        }
+        let mut dropped = None;
+        let kept = addrs
+            .into_iter()
+            .filter(|&ip| match self.internal_closed(ip) {
+                Some(range) => {
+                    dropped.get_or_insert(RefuseReason::InternalAnswer(ip, range));
+                    false
+                }
+                None => true,
+            })
+            .collect();
+        (kept, dropped)
+    }
+
+    /// The internal range `ip` is in when no `allow_nets` or `allow_hosts` entry opens it.
+    fn internal_closed(&self, ip: IpAddr) -> Option<Cidr> {
+        let range = internal_range(ip)?;
+        let opened =
+            self.in_allowed_net(ip) || self.policy.allow_hosts.iter().any(|h| h.ip() == ip);
+        (!opened).then_some(range)
+    }
+
+    fn in_allowed_net(&self, ip: IpAddr) -> bool {
+        self.policy.allow_nets.iter().any(|n| n.contains(ip))
+    }
+
     /// May pen's DNS answer for `name` (normalised)?
     pub fn name_allowed(&self, name: &str) -> Result<(), RefuseReason> {
         if name == HOST_NAME {
             return Ok(());
         }
         match &self.policy.mode {
-            Mode::Open => Ok(()),
+            Mode::Public | Mode::Open => Ok(()),
             Mode::None => Err(RefuseReason::ModeNone),
             Mode::Allow(_) => {
                 if self.allowed_domains.iter().any(|p| domain_matches(p, name)) {
@@ -324,7 +385,15 @@ impl Policy {
         if self.own_addrs.contains(&ip) {
             return Decision::Refuse(RefuseReason::HostOwnAddress);
         }
+        // An --allow-net range, like an allow-host entry, holds whatever the mode.
+        if self.in_allowed_net(ip) {
+            return Decision::Allow(dst);
+        }
         match &self.policy.mode {
+            Mode::Public => match internal_range(ip) {
+                Some(range) => Decision::Refuse(RefuseReason::Internal(range)),
+                None => Decision::Allow(dst),
+            },
             Mode::Open => Decision::Allow(dst),
             Mode::None => Decision::Refuse(RefuseReason::ModeNone),
             Mode::Allow(_) => {
@@ -351,6 +420,7 @@ mod tests {
             NetworkPolicy {
                 mode,
                 allow_hosts: allow.iter().map(|s| sa(s)).collect(),
+                allow_nets: Vec::new(),
                 dns_overrides: HashMap::new(),
             },
             own.iter().map(|s| s.parse().unwrap()).collect(),
@@ -528,6 +598,134 @@ mod tests {
             p.decide(sa("169.254.169.254:80")),
             Decision::Refuse(RefuseReason::LinkLocal)
         );
+    }
+
+    #[test]
+    fn public_mode_refuses_internal_ranges_but_not_documentation_ones() {
+        let p = policy(Mode::Public, &[], &["192.0.2.2"]);
+        for (dst, range) in [
+            ("10.200.0.2:8080", "10.0.0.0/8"),
+            ("172.16.0.1:80", "172.16.0.0/12"),
+            ("192.168.1.1:80", "192.168.0.0/16"),
+            ("100.64.0.1:80", "100.64.0.0/10"),
+            ("198.18.0.1:80", "198.18.0.0/15"),
+            ("192.0.0.9:80", "192.0.0.0/24"),
+            ("0.1.2.3:80", "0.0.0.0/8"),
+            ("240.0.0.1:80", "240.0.0.0/4"),
+            ("[fd00::1]:80", "fc00::/7"),
+            ("[::ffff:10.0.0.1]:80", "10.0.0.0/8"),
+            ("[64:ff9b::c0a8:101]:80", "192.168.0.0/16"),
+            ("[64:ff9b:1::1]:80", "64:ff9b:1::/48"),
+        ] {
+            match p.decide(sa(dst)) {
+                Decision::Refuse(RefuseReason::Internal(r)) => {
+                    assert_eq!(r.to_string(), range, "{dst}")
+                }
+                other => panic!("{dst}: {other:?}"),
+            }
+        }
+        for dst in [
+            "192.0.2.1:80",
+            "198.51.100.7:80",
+            "203.0.113.10:443",
+            "1.1.1.1:53",
+            "[2001:db8::1]:80",
+        ] {
+            assert_eq!(p.decide(sa(dst)), Decision::Allow(sa(dst)), "{dst}");
+        }
+        // What every mode refuses stays refused, with its own reason.
+        assert_eq!(
+            p.decide(sa("192.0.2.2:80")),
+            Decision::Refuse(RefuseReason::HostOwnAddress)
+        );
+        assert_eq!(
+            p.decide(sa("169.254.169.254:80")),
+            Decision::Refuse(RefuseReason::LinkLocal)
+        );
+        assert_eq!(
+            p.decide(sa("[64:ff9b::7f00:1]:80")),
+            Decision::Refuse(RefuseReason::Loopback)
+        );
+        // Open mode: the LAN is reachable.
+        let open = policy(Mode::Open, &[], &[]);
+        assert_eq!(
+            open.decide(sa("10.200.0.2:8080")),
+            Decision::Allow(sa("10.200.0.2:8080"))
+        );
+        assert_eq!(Mode::default(), Mode::Public);
+    }
+
+    #[test]
+    fn allow_host_and_allow_net_open_internal_addresses() {
+        let mut p = policy(Mode::Public, &["10.200.0.2:8080"], &["10.200.0.1"]);
+        assert_eq!(
+            p.decide(sa("10.200.0.2:8080")),
+            Decision::Allow(sa("10.200.0.2:8080"))
+        );
+        assert!(matches!(
+            p.decide(sa("10.200.0.2:8081")),
+            Decision::Refuse(RefuseReason::Internal(_))
+        ));
+        p.policy.allow_nets = vec![Cidr::parse("10.200.0.0/24").unwrap()];
+        assert_eq!(
+            p.decide(sa("10.200.0.9:22")),
+            Decision::Allow(sa("10.200.0.9:22"))
+        );
+        assert!(matches!(
+            p.decide(sa("10.201.0.9:22")),
+            Decision::Refuse(RefuseReason::Internal(_))
+        ));
+        // A range never opens the host's own addresses or what every mode refuses.
+        assert_eq!(
+            p.decide(sa("10.200.0.1:22")),
+            Decision::Refuse(RefuseReason::HostOwnAddress)
+        );
+        // It holds in the other modes too, like allow-host.
+        p.policy.mode = Mode::None;
+        assert_eq!(
+            p.decide(sa("10.200.0.9:22")),
+            Decision::Allow(sa("10.200.0.9:22"))
+        );
+        assert_eq!(
+            p.decide(sa("1.1.1.1:443")),
+            Decision::Refuse(RefuseReason::ModeNone)
+        );
+    }
+
+    #[test]
+    fn public_mode_screens_dns_answers() {
+        let ips = |s: &[&str]| {
+            s.iter()
+                .map(|a| a.parse::<IpAddr>().unwrap())
+                .collect::<Vec<_>>()
+        };
+        let mut p = policy(Mode::Public, &["192.168.1.5:443"], &[]);
+        let (kept, dropped) = p.screen_answer(ips(&["203.0.113.4", "10.200.0.2", "172.16.0.1"]));
+        assert_eq!(kept, ips(&["203.0.113.4"]));
+        let reason = dropped.unwrap();
+        assert_eq!(
+            reason,
+            RefuseReason::InternalAnswer(
+                "10.200.0.2".parse().unwrap(),
+                Cidr::parse("10.0.0.0/8").unwrap()
+            )
+        );
+        assert_eq!(
+            reason.to_string(),
+            "answer 10.200.0.2 is an internal address (10.0.0.0/8) in network mode public"
+        );
+        // An address the user opened stays in the answer.
+        let (kept, dropped) = p.screen_answer(ips(&["192.168.1.5"]));
+        assert_eq!((kept, dropped), (ips(&["192.168.1.5"]), None));
+        p.policy.allow_nets = vec![Cidr::parse("10.200.0.0/24").unwrap()];
+        let (kept, dropped) = p.screen_answer(ips(&["10.200.0.2"]));
+        assert_eq!((kept, dropped), (ips(&["10.200.0.2"]), None));
+        // Other modes give answers as they are: in allow mode the user named the domain.
+        for mode in [Mode::Open, Mode::Allow(vec!["lan.example".into()])] {
+            let p = policy(mode, &[], &[]);
+            let (kept, dropped) = p.screen_answer(ips(&["10.0.0.1"]));
+            assert_eq!((kept, dropped), (ips(&["10.0.0.1"]), None));
+        }
     }
 
     #[test]

@@ -255,7 +255,16 @@ async fn host_own_address_refused_unless_allowed_and_open_mode_reaches_it_otherw
 
     // Open mode to a non-own, non-loopback address: this host's address stands in for
     // "the internet" by leaving it out of the own-address set (tests reach nothing else).
-    let vm3 = vm(NetworkPolicy::default(), &[], Some(HashSet::new())).await;
+    // Open, not the default public: the host's address may be a private one.
+    let vm3 = vm(
+        NetworkPolicy {
+            mode: Mode::Open,
+            ..Default::default()
+        },
+        &[],
+        Some(HashSet::new()),
+    )
+    .await;
     echo_roundtrip(&vm3.guest, v4(at)).await;
     assert_eq!(*accepted.lock().unwrap(), 2);
     // ...and UDP.
@@ -397,6 +406,49 @@ async fn allow_mode_only_allowed_names_and_their_addresses() {
     assert_eq!(
         shown.iter().filter(|s| s.contains(&at.to_string())).count(),
         1
+    );
+}
+
+/// The default mode, public: a LAN address is refused (no host socket is tried: the
+/// refusal is the policy's, logged with the range), and so is a name whose answer points
+/// into the LAN, while a name with a public answer resolves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn public_mode_refuses_lan_addresses_and_lan_answers() {
+    let vm = vm(
+        NetworkPolicy {
+            dns_overrides: overrides(&[
+                ("rebind.test", "192.168.77.1".parse().unwrap()),
+                ("public.test", "203.0.113.7".parse().unwrap()),
+            ]),
+            ..Default::default()
+        },
+        &[],
+        None,
+    )
+    .await;
+    let lan = SocketAddrV4::new(Ipv4Addr::new(10, 200, 0, 2), 8080);
+    assert_eq!(vm.guest.connect(lan).await, Err("refused".into()));
+    let dns = SocketAddrV4::new(DNS, 53);
+    let (rc, addrs) = vm.guest.resolve(dns, "rebind.test").await.unwrap();
+    assert_eq!((rc, addrs), (RCODE::NameError, vec![]));
+    let (rc, addrs) = vm.guest.resolve(dns, "public.test").await.unwrap();
+    assert_eq!(
+        (rc, addrs),
+        (RCODE::NoError, vec![Ipv4Addr::new(203, 0, 113, 7)])
+    );
+    let shown: Vec<String> = vm
+        .seen
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|e| e.to_string())
+        .collect();
+    assert_eq!(
+        shown,
+        [
+            "refused tcp 10.200.0.2:8080: internal address (10.0.0.0/8) in network mode public (--allow-net or --network open opens it)",
+            "refused dns rebind.test: answer 192.168.77.1 is an internal address (192.168.0.0/16) in network mode public",
+        ]
     );
 }
 

@@ -223,15 +223,20 @@ pub struct CreateArgs {
     /// Boot the kernel instead of restoring the image's snapshot (and save none).
     #[arg(long)]
     pub no_snapshot: bool,
-    /// Guest network: open (default: internet and LAN), none, or allow=DOMAIN[,DOMAIN...]
-    /// (only those names resolve and only their addresses are reachable; `*.example.org`
-    /// means every name below example.org). Recorded; changeable at the next start.
+    /// Guest network: public (default: the internet, not the LAN or other private
+    /// ranges), open (internet and LAN), none, or allow=DOMAIN[,DOMAIN...] (only those
+    /// names resolve and only their addresses are reachable; `*.example.org` means every
+    /// name below example.org). Recorded; changeable at the next start.
     #[arg(long, value_name = "MODE")]
     pub network: Option<String>,
-    /// Let the guest reach this exact host address and port in every mode (repeatable);
-    /// 127.0.0.1:PORT is reached at host.pen.internal:PORT. `none` clears the list.
+    /// Let the guest reach this exact address and port in every mode (repeatable): a LAN
+    /// host, or 127.0.0.1:PORT, reached at host.pen.internal:PORT. `none` clears the list.
     #[arg(long = "allow-host", value_name = "ADDR:PORT")]
     pub allow_host: Vec<String>,
+    /// Let the guest reach this internal range in every mode (repeatable), e.g.
+    /// 192.168.1.0/24: part of what public keeps out. `none` clears the list.
+    #[arg(long = "allow-net", value_name = "CIDR")]
+    pub allow_net: Vec<String>,
     /// Publish a guest port on the host: [HOST_ADDR:]HOST_PORT:GUEST_PORT[/tcp|/udp]
     /// (repeatable; the host side is 127.0.0.1 unless given). `none` clears the list.
     #[arg(long, value_name = "SPEC")]

@@ -194,9 +194,7 @@ fn prepare(home: &PenHome, name: Option<&str>, args: &CreateArgs) -> anyhow::Res
                 flags.disk_size = flags.disk_size.or(loaded.disk_size);
                 flags.cpus = flags.cpus.or(p.vm.as_ref().and_then(|v| v.cpus));
                 flags.memory_mb = flags.memory_mb.or(p.vm.as_ref().and_then(|v| v.memory));
-                if flags.network_mode.is_none() {
-                    flags.network_mode = crate::network::profile_mode(loaded)?;
-                }
+                crate::network::apply_profile(loaded, &mut flags)?;
                 if flags.volumes.is_none() && !p.volumes.is_empty() {
                     flags.volumes = Some(p.volume_mounts());
                 }
@@ -344,7 +342,7 @@ fn parse_flags(args: &CreateArgs, dir: Option<PathBuf>) -> anyhow::Result<Creati
             args.disk_size.as_deref().unwrap_or("")
         );
     }
-    let (network_mode, allow_hosts, publish) = crate::network::parse_flags(args)?;
+    let network = crate::network::parse_flags(args)?;
     let volumes = crate::volumes::parse_flags(&args.volume)?;
     Ok(CreationFlags {
         dir,
@@ -352,9 +350,10 @@ fn parse_flags(args: &CreateArgs, dir: Option<PathBuf>) -> anyhow::Result<Creati
         memory_mb,
         disk_size,
         profile: None,
-        network_mode,
-        allow_hosts,
-        publish,
+        network_mode: network.mode,
+        allow_hosts: network.allow_hosts,
+        allow_nets: network.allow_nets,
+        publish: network.publish,
         volumes,
     })
 }

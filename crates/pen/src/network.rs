@@ -1,24 +1,25 @@
-//! The network flags (`--network`, `--allow-host`, `--publish`), a profile's `[network]`,
-//! and `pen logs --network`. Values are checked by pen-net's parsers (through
+//! The network flags (`--network`, `--allow-host`, `--allow-net`, `--publish`), a
+//! profile's `[network]`, and `pen logs --network`. Values are checked by pen-net's parsers (through
 //! `pen_vm::net`) before anything is created; vm.json records them as given.
 
 use std::io::Write;
 
 use pen_core::paths::{PenHome, VmPaths};
 use pen_core::profile::LoadedProfile;
-use pen_core::vm::NetworkSettings;
+use pen_core::vm::{CreationFlags, NetworkSettings};
 use pen_core::UsageError;
 
 use crate::cli::CreateArgs;
 
-type Flags = (
-    Option<(String, Vec<String>)>,
-    Option<Vec<String>>,
-    Option<Vec<String>>,
-);
+/// The network flags, checked, each `None` when not given.
+pub struct Flags {
+    pub mode: Option<(String, Vec<String>)>,
+    pub allow_hosts: Option<Vec<String>>,
+    pub allow_nets: Option<Vec<String>>,
+    pub publish: Option<Vec<String>>,
+}
 
-/// The network flags, checked: (mode and domains, allow-hosts, publishes), each `None`
-/// when not given. A single `none` clears a list.
+/// The network flags, checked. A single `none` clears a list.
 pub fn parse_flags(args: &CreateArgs) -> Result<Flags, UsageError> {
     let mode = match &args.network {
         Some(value) => Some(pen_vm::net::parse_mode(value).map_err(UsageError::new)?),
@@ -30,28 +31,49 @@ pub fn parse_flags(args: &CreateArgs) -> Result<Flags, UsageError> {
         v if cleared(v) => Some(Vec::new()),
         v => Some(pen_vm::net::parse_allow_hosts(v).map_err(UsageError::new)?),
     };
+    let allow_nets = match &args.allow_net {
+        v if v.is_empty() => None,
+        v if cleared(v) => Some(Vec::new()),
+        v => Some(
+            pen_vm::net::parse_allow_nets(v.iter().map(String::as_str)).map_err(UsageError::new)?,
+        ),
+    };
     let publish = match &args.publish {
         v if v.is_empty() => None,
         v if cleared(v) => Some(Vec::new()),
         v => Some(pen_vm::net::parse_publishes(v).map_err(UsageError::new)?),
     };
-    Ok((mode, allow_hosts, publish))
+    Ok(Flags {
+        mode,
+        allow_hosts,
+        allow_nets,
+        publish,
+    })
 }
 
-/// A profile's `[network]` as a `--network` value for a VM created from it (checked).
-pub fn profile_mode(loaded: &LoadedProfile) -> Result<Option<(String, Vec<String>)>, UsageError> {
-    let Some(section) = &loaded.profile.network else {
-        return Ok(None);
-    };
-    let domains = pen_vm::net::parse_domains(section.allow.iter().map(String::as_str))
-        .map_err(|e| UsageError::new(format!("{}: [network] allow: {e}", loaded.path.display())))?;
-    Ok(Some((pen_core::vm::NETWORK_ALLOW.to_string(), domains)))
+/// A profile's `[network]` as defaults for a VM created from it (checked): its mode and
+/// its `allow_net` ranges, where the flags give none.
+pub fn apply_profile(loaded: &LoadedProfile, flags: &mut CreationFlags) -> Result<(), UsageError> {
+    if loaded.profile.network.is_none() {
+        return Ok(());
+    }
+    let settings =
+        pen_vm::net::profile_settings(&loaded.profile, &loaded.path).map_err(UsageError::new)?;
+    if flags.network_mode.is_none() {
+        flags.network_mode = Some((settings.mode, settings.allow));
+    }
+    if flags.allow_nets.is_none() && !settings.allow_nets.is_empty() {
+        flags.allow_nets = Some(settings.allow_nets);
+    }
+    Ok(())
 }
 
-/// The network settings for `pen list --json`.
+/// The network settings for `pen list --json`: `mode_chosen` is false where the mode is
+/// pen's default.
 pub fn json(n: &NetworkSettings) -> serde_json::Value {
     serde_json::json!({
-        "mode": n.mode, "allow": n.allow, "allow_hosts": n.allow_hosts, "publish": n.publish,
+        "mode": n.mode, "mode_chosen": n.mode_chosen, "allow": n.allow,
+        "allow_hosts": n.allow_hosts, "allow_nets": n.allow_nets, "publish": n.publish,
     })
 }
 
