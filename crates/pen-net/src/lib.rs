@@ -31,12 +31,14 @@
 mod backend;
 mod dns;
 pub mod frames;
+pub mod host;
 pub mod policy;
 pub mod publish;
 
 use std::net::Ipv4Addr;
 
 pub use backend::{Backend, NetEvent};
+pub use host::{HostDatagram, HostNet, HostStream, SystemHost};
 pub use policy::{validate_domain, Mode, NetworkPolicy, Proto, RefuseReason, HOST_NAME};
 pub use publish::PublishSpec;
 
