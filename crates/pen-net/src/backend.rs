@@ -217,6 +217,14 @@ impl Backend {
         let (rd, wr) = frames.into_split();
         let (in_tx, in_rx) = mpsc::channel(256);
         let (out_tx, out_rx) = mpsc::channel(256);
+        #[cfg(feature = "capture")]
+        let (in_tx, out_tx) = match crate::capture::Capture::start() {
+            Some(c) => (
+                c.tap(crate::capture::FROM_GUEST, in_tx),
+                c.tap(crate::capture::TO_GUEST, out_tx),
+            ),
+            None => (in_tx, out_tx),
+        };
         let reader = tokio::spawn(frames::read_frames(rd, in_tx));
         let writer = tokio::spawn(frames::write_frames(wr, out_rx));
         let (ctl_tx, ctl_rx) = mpsc::channel(1024);

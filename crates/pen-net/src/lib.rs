@@ -29,6 +29,8 @@
 //! UDP flows per VM.
 
 mod backend;
+#[cfg(feature = "capture")]
+mod capture;
 mod dns;
 pub mod frames;
 pub mod host;
