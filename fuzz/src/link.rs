@@ -131,7 +131,11 @@ pub fn from_host(data: &[u8]) {
                 for v in &config.volumes {
                     let _ = (v.slot as usize) < VOLUME_SLOTS && v.path.starts_with('/');
                 }
-                let _ = config.env.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>();
+                let _ = config
+                    .env
+                    .iter()
+                    .map(|(k, v)| k.len() + v.len())
+                    .sum::<usize>();
             }
             Message::Exec(req) => {
                 let _ = req.argv.first().map(String::as_str).unwrap_or("bash");

@@ -139,7 +139,11 @@ fn prepare_guest_frame(frame: &mut [u8], isns: &Isns, fix_checksums: bool) {
 
 /// Drives one backend with `frames` (each with its `fix_checksums` flag); returns every
 /// frame the backend sent. `captured` are the capture's backend frames (see module doc).
-pub fn drive(policy: NetworkPolicy, frames: Vec<(Vec<u8>, bool)>, captured: &[Vec<u8>]) -> Vec<Vec<u8>> {
+pub fn drive(
+    policy: NetworkPolicy,
+    frames: Vec<(Vec<u8>, bool)>,
+    captured: &[Vec<u8>],
+) -> Vec<Vec<u8>> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .start_paused(true)
@@ -290,7 +294,10 @@ pub fn dns_query(data: &[u8]) {
             continue;
         };
         let answer = simple_dns::Packet::parse(&payload).expect("pen's DNS answer parses");
-        assert!(query.len() >= 12, "an answer to a packet shorter than a DNS header");
+        assert!(
+            query.len() >= 12,
+            "an answer to a packet shorter than a DNS header"
+        );
         let id = u16::from_be_bytes([query[0], query[1]]);
         assert_eq!(answer.id(), id, "answer to another query");
         assert!(answer.has_flags(simple_dns::PacketFlag::RESPONSE));
@@ -343,7 +350,9 @@ impl HostNet for MemHost {
         } else if name.starts_with("v6") {
             vec!["2001:db8::1".parse().unwrap()]
         } else {
-            let h = name.bytes().fold(0u8, |a, b| a.wrapping_mul(31).wrapping_add(b));
+            let h = name
+                .bytes()
+                .fold(0u8, |a, b| a.wrapping_mul(31).wrapping_add(b));
             vec![IpAddr::V4(Ipv4Addr::new(198, 51, 100, h))]
         };
         Box::pin(async move { Ok(addrs) })

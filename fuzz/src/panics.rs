@@ -47,7 +47,9 @@ pub fn install() {
             {
                 // Let it unwind: pen's catch_unwind decides. Say so for the first few.
                 if CONTAINED.fetch_add(1, Ordering::Relaxed) < 3 {
-                    eprintln!("pen-fuzz: upstream panic, unwinding toward pen's containment: {info}");
+                    eprintln!(
+                        "pen-fuzz: upstream panic, unwinding toward pen's containment: {info}"
+                    );
                 }
                 return;
             }

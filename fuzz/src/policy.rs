@@ -91,9 +91,15 @@ fn check_allowed(
     }
     let ip = dst.ip();
     if let IpAddr::V4(v4) = ip {
-        assert!(v4.octets()[..3] != [10, 0, 2], "guest subnet allowed: {dst}");
+        assert!(
+            v4.octets()[..3] != [10, 0, 2],
+            "guest subnet allowed: {dst}"
+        );
     }
-    assert!(forbidden_class(ip).is_none(), "forbidden class allowed: {dst}");
+    assert!(
+        forbidden_class(ip).is_none(),
+        "forbidden class allowed: {dst}"
+    );
     assert!(!own.contains(&ip), "host's own address allowed: {dst}");
     match mode {
         Mode::None => panic!("mode none allowed {dst}"),

@@ -48,7 +48,9 @@ fn child() {
         }
         // pen's own bug in a tokio task, where tokio would catch it and nobody would see.
         "pen_in_task" => {
-            let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap();
             let r = rt.block_on(tokio::spawn(async { panic!("a bug in a task") }));
             assert!(r.is_err());
         }
@@ -63,9 +65,17 @@ fn a_contained_smoltcp_panic_does_not_stop_the_run() {
 
 #[test]
 fn panics_outside_the_containment_abort() {
-    for scenario in ["smoltcp_uncontained", "pen_under_containment", "pen_in_task"] {
+    for scenario in [
+        "smoltcp_uncontained",
+        "pen_under_containment",
+        "pen_in_task",
+    ] {
         let status = run(scenario);
-        assert_eq!(status.signal(), Some(libc_sigabrt()), "{scenario}: {status}");
+        assert_eq!(
+            status.signal(),
+            Some(libc_sigabrt()),
+            "{scenario}: {status}"
+        );
     }
 }
 
@@ -80,5 +90,7 @@ fn upstream_paths_are_recognised() {
         "/root/.cargo/registry/src/index.crates.io-1949cf8c6b5b557f/smoltcp-0.12.0/src/wire/tcp.rs"
     ));
     assert!(!is_contained_upstream("crates/pen-net/src/backend.rs"));
-    assert!(!is_contained_upstream("/x/tokio-1.54.1/src/runtime/task/harness.rs"));
+    assert!(!is_contained_upstream(
+        "/x/tokio-1.54.1/src/runtime/task/harness.rs"
+    ));
 }

@@ -25,12 +25,18 @@ fn replay(target: &str, harness: fn(&[u8])) {
 
 #[test]
 fn agent_link_from_guest() {
-    replay("agent_link_from_guest", pen_fuzz::targets::agent_link_from_guest);
+    replay(
+        "agent_link_from_guest",
+        pen_fuzz::targets::agent_link_from_guest,
+    );
 }
 
 #[test]
 fn agent_link_from_host() {
-    replay("agent_link_from_host", pen_fuzz::targets::agent_link_from_host);
+    replay(
+        "agent_link_from_host",
+        pen_fuzz::targets::agent_link_from_host,
+    );
 }
 
 #[test]
