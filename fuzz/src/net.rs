@@ -225,6 +225,11 @@ async fn settle() {
 
 /// The `net_guest_frames` target.
 pub fn guest_frames(data: &[u8]) {
+    guest_frames_replies(data);
+}
+
+/// [`guest_frames`], returning what the backend sent the guest.
+pub fn guest_frames_replies(data: &[u8]) -> Vec<Vec<u8>> {
     let mut input = Input::new(data);
     let policy = policy_from(input.u8());
     let mut frames = Vec::new();
@@ -239,7 +244,7 @@ pub fn guest_frames(data: &[u8]) {
             frames.push((bytes, kind & 2 == 0));
         }
     }
-    drive(policy, frames, &captured);
+    drive(policy, frames, &captured)
 }
 
 /// An Ethernet/IPv4/UDP frame from the guest to `dst` carrying `payload`, checksummed.
@@ -281,19 +286,22 @@ pub fn guest_udp(src_port: u16, dst: SocketAddrV4, payload: &[u8]) -> Vec<u8> {
 /// The `net_dns_query` target: one policy byte, then the query. Every answer pen sends
 /// must be a DNS response to that query (same id).
 pub fn dns_query(data: &[u8]) {
+    dns_answers(data);
+}
+
+/// [`dns_query`], returning the answers (DNS payloads) the guest got.
+pub fn dns_answers(data: &[u8]) -> Vec<Vec<u8>> {
     let mut input = Input::new(data);
     let policy = policy_from(input.u8());
     let query = input.rest();
     if query.len() > 1400 {
-        return;
+        return Vec::new();
     }
     let frame = guest_udp(40000, SocketAddrV4::new(DNS_ADDR, 53), query);
     let replies = drive(policy, vec![(frame, false)], &[]);
-    for r in replies {
-        let Some(payload) = udp_payload(&r) else {
-            continue;
-        };
-        let answer = simple_dns::Packet::parse(&payload).expect("pen's DNS answer parses");
+    let answers: Vec<Vec<u8>> = replies.iter().filter_map(|r| udp_payload(r)).collect();
+    for payload in &answers {
+        let answer = simple_dns::Packet::parse(payload).expect("pen's DNS answer parses");
         assert!(
             query.len() >= 12,
             "an answer to a packet shorter than a DNS header"
@@ -302,6 +310,7 @@ pub fn dns_query(data: &[u8]) {
         assert_eq!(answer.id(), id, "answer to another query");
         assert!(answer.has_flags(simple_dns::PacketFlag::RESPONSE));
     }
+    answers
 }
 
 fn udp_payload(frame: &[u8]) -> Option<Vec<u8>> {
