@@ -18,7 +18,7 @@
 //! host socket.
 
 use std::collections::{HashMap, HashSet};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, SocketAddr, SocketAddrV4};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -32,12 +32,13 @@ use smoltcp::wire::{
     UdpRepr,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream, UdpSocket, UnixStream};
+use tokio::net::{TcpListener, UdpSocket, UnixStream};
 use tokio::sync::{mpsc, Notify, Semaphore};
 use tokio::task::JoinHandle;
 
 use crate::dns;
 use crate::frames::{self, QueueDevice};
+use crate::host::{self, HostNet, HostStream, SystemHost};
 use crate::policy::{host_addresses, Decision, NetworkPolicy, Policy, Proto, RefuseReason};
 use crate::publish::PublishSpec;
 use crate::{NetError, DNS_ADDR, GATEWAY, GATEWAY_MAC, GUEST_ADDR, MTU};
@@ -104,6 +105,8 @@ pub struct Backend {
     tcp_listeners: Vec<(PublishSpec, Arc<TcpListener>)>,
     udp_listeners: Vec<(PublishSpec, Arc<UdpSocket>)>,
     log: Arc<Mutex<EventLog>>,
+    /// What allowed guest flows and names reach: the real host unless swapped.
+    host: Arc<dyn HostNet>,
 }
 
 #[derive(Default)]
@@ -171,7 +174,16 @@ impl Backend {
             tcp_listeners,
             udp_listeners,
             log: Arc::default(),
+            host: Arc::new(SystemHost),
         })
+    }
+
+    /// Serve the guest's allowed flows and names through `host` instead of the real
+    /// host's sockets and resolver (fuzz targets and tests: no network needed). The
+    /// policy still decides first; published ports stay real listeners.
+    pub fn with_host(mut self, host: Arc<dyn HostNet>) -> Self {
+        self.host = host;
+        self
     }
 
     /// Published ports with the host address each is actually bound to.
@@ -205,6 +217,14 @@ impl Backend {
         let (rd, wr) = frames.into_split();
         let (in_tx, in_rx) = mpsc::channel(256);
         let (out_tx, out_rx) = mpsc::channel(256);
+        #[cfg(feature = "capture")]
+        let (in_tx, out_tx) = match crate::capture::Capture::start() {
+            Some(c) => (
+                c.tap(crate::capture::FROM_GUEST, in_tx),
+                c.tap(crate::capture::TO_GUEST, out_tx),
+            ),
+            None => (in_tx, out_tx),
+        };
         let reader = tokio::spawn(frames::read_frames(rd, in_tx));
         let writer = tokio::spawn(frames::write_frames(wr, out_rx));
         let (ctl_tx, ctl_rx) = mpsc::channel(1024);
@@ -214,6 +234,7 @@ impl Backend {
             tasks.0.push(tokio::spawn(async move {
                 loop {
                     if let Ok((stream, _)) = l.accept().await {
+                        let stream = stream.into();
                         if ctl.send(Ctl::Inbound { stream, guest_port }).await.is_err() {
                             break Ok(());
                         }
@@ -263,10 +284,10 @@ enum Ctl {
     Connected {
         key: FlowKey,
         syn: Vec<u8>,
-        result: std::io::Result<TcpStream>,
+        result: std::io::Result<HostStream>,
     },
     Inbound {
-        stream: TcpStream,
+        stream: HostStream,
         guest_port: u16,
     },
     /// A datagram for the guest, from `from` (as the guest addresses it) to `guest_port`.
@@ -657,14 +678,12 @@ impl<'b, F: FnMut(NetEvent) + Send> Stack<'b, F> {
             Decision::Allow(target) => {
                 self.pending.insert(key);
                 let ctl = self.ctl_tx.clone();
+                let connect = self.backend.host.connect_tcp(target);
                 tokio::spawn(async move {
-                    let result =
-                        match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(target))
-                            .await
-                        {
-                            Ok(r) => r,
-                            Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
-                        };
+                    let result = match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
+                        Ok(r) => r,
+                        Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
+                    };
                     let _ = ctl
                         .send(Ctl::Connected {
                             key,
@@ -762,9 +781,11 @@ impl<'b, F: FnMut(NetEvent) + Send> Stack<'b, F> {
         }
     }
 
-    fn add_conn(&mut self, handle: SocketHandle, key: Option<FlowKey>, stream: TcpStream) {
-        let _ = stream.set_nodelay(true);
-        let (mut rd, mut wr) = stream.into_split();
+    fn add_conn(&mut self, handle: SocketHandle, key: Option<FlowKey>, stream: HostStream) {
+        let HostStream {
+            read: mut rd,
+            write: mut wr,
+        } = stream;
         let (to_host, mut to_host_rx) = mpsc::channel::<Bytes>(CHANNEL_CHUNKS);
         let (from_host_tx, from_host) = mpsc::channel::<HostMsg>(CHANNEL_CHUNKS);
         let n1 = self.notify.clone();
@@ -923,8 +944,9 @@ impl<'b, F: FnMut(NetEvent) + Send> Stack<'b, F> {
                 return; // too many queries in flight: drop, the guest retries
             };
             let (policy, ctl) = (self.backend.policy.clone(), self.ctl_tx.clone());
+            let host = self.backend.host.clone();
             tokio::spawn(async move {
-                let (reply, refusal) = dns::answer(&policy, &data).await;
+                let (reply, refusal) = dns::answer_via(&policy, host.as_ref(), &data).await;
                 let _ = ctl
                     .send(Ctl::Dns {
                         from: dst,
@@ -973,26 +995,19 @@ impl<'b, F: FnMut(NetEvent) + Send> Stack<'b, F> {
         let _ = tx.try_send(data);
         let ctl = self.ctl_tx.clone();
         let notify = self.notify.clone();
+        let open = self.backend.host.open_udp(target);
         tokio::spawn(async move {
-            let bind: SocketAddr = if target.is_ipv4() {
-                (Ipv4Addr::UNSPECIFIED, 0).into()
-            } else {
-                (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
-            };
-            let Ok(sock) = UdpSocket::bind(bind).await else {
+            let Ok(sock) = open.await else {
                 return;
             };
-            if sock.connect(target).await.is_err() {
-                return;
-            }
             let mut buf = vec![0u8; 65536];
             loop {
                 tokio::select! {
                     m = rx.recv() => match m {
-                        Some(d) => { let _ = sock.send(&d).await; }
+                        Some(d) => { let _ = host::send_datagram(sock.as_ref(), &d).await; }
                         None => return,
                     },
-                    r = sock.recv(&mut buf) => {
+                    r = host::recv_datagram(sock.as_ref(), &mut buf) => {
                         if let Ok(n) = r {
                             let data = Bytes::copy_from_slice(&buf[..n]);
                             let _ = ctl.try_send(Ctl::UdpToGuest { from: dst, guest_port, data });

@@ -17,6 +17,7 @@ use std::time::Duration;
 use simple_dns::rdata::{RData, A};
 use simple_dns::{Packet, PacketFlag, ResourceRecord, CLASS, QTYPE, RCODE, TYPE};
 
+use crate::host::HostNet;
 use crate::policy::{normalise_name, Policy, RefuseReason, HOST_NAME};
 use crate::GATEWAY;
 
@@ -32,10 +33,11 @@ pub(crate) struct NameRefusal {
     pub reason: RefuseReason,
 }
 
-/// Answer one query packet. Returns the reply (None if the packet is not a parseable
-/// query: nothing to answer) and the refusal to log, if any.
-pub(crate) async fn answer(
+/// Answer one query packet, resolving through `host`. Returns the reply (None if the
+/// packet is not a parseable query: nothing to answer) and the refusal to log, if any.
+pub(crate) async fn answer_via(
     policy: &Arc<Mutex<Policy>>,
+    host: &dyn HostNet,
     query: &[u8],
 ) -> (Option<Vec<u8>>, Option<NameRefusal>) {
     let Ok(packet) = Packet::parse(query) else {
@@ -85,10 +87,8 @@ pub(crate) async fn answer(
 
     let addrs: Vec<IpAddr> = match overridden {
         Some(a) => a,
-        None => match tokio::time::timeout(RESOLVE_TIMEOUT, tokio::net::lookup_host((&*name, 0)))
-            .await
-        {
-            Ok(Ok(it)) => it.map(|sa| sa.ip()).collect(),
+        None => match tokio::time::timeout(RESOLVE_TIMEOUT, host.resolve(&name)).await {
+            Ok(Ok(addrs)) => addrs,
             Ok(Err(_)) => Vec::new(),
             Err(_) => return (reply(&packet, RCODE::ServerFailure, &[]), None),
         },
@@ -112,6 +112,15 @@ pub(crate) async fn answer(
     let recorded: Vec<IpAddr> = v4.iter().map(|a| IpAddr::V4(*a)).collect();
     policy.lock().unwrap().record_resolved(&name, &recorded);
     (reply(&packet, RCODE::NoError, &v4), refusal)
+}
+
+/// [`answer_via`] the host's own resolver.
+#[cfg(test)]
+async fn answer(
+    policy: &Arc<Mutex<Policy>>,
+    query: &[u8],
+) -> (Option<Vec<u8>>, Option<NameRefusal>) {
+    answer_via(policy, &crate::host::SystemHost, query).await
 }
 
 fn dedup(it: impl Iterator<Item = Ipv4Addr>) -> Vec<Ipv4Addr> {

@@ -29,8 +29,11 @@
 //! UDP flows per VM.
 
 mod backend;
+#[cfg(feature = "capture")]
+mod capture;
 mod dns;
 pub mod frames;
+pub mod host;
 pub mod policy;
 pub mod publish;
 pub mod ranges;
@@ -38,6 +41,7 @@ pub mod ranges;
 use std::net::Ipv4Addr;
 
 pub use backend::{Backend, NetEvent};
+pub use host::{HostDatagram, HostNet, HostStream, SystemHost};
 pub use policy::{validate_domain, Mode, NetworkPolicy, Proto, RefuseReason, HOST_NAME};
 pub use publish::PublishSpec;
 pub use ranges::{Cidr, CidrError};

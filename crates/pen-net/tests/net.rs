@@ -741,3 +741,74 @@ async fn slow_host_reader_stalls_the_guest_with_bounded_buffering() {
     vm.guest.close(h);
     assert_eq!(server.await.unwrap(), total);
 }
+
+/// The host side swapped (`Backend::with_host`): names resolve and connections open
+/// through it, and nothing reaches the real network (198.51.100.0/24 is a documentation
+/// range, `svc.invalid` no real resolver answers).
+struct EchoHost;
+
+impl pen_net::HostNet for EchoHost {
+    fn connect_tcp(&self, target: SocketAddr) -> pen_net::host::HostFuture<pen_net::HostStream> {
+        Box::pin(async move {
+            if target != "198.51.100.9:80".parse().unwrap() {
+                return Err(std::io::ErrorKind::ConnectionRefused.into());
+            }
+            let (near, far) = tokio::io::duplex(4096);
+            tokio::spawn(async move {
+                let (mut r, mut w) = tokio::io::split(far);
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+            let (read, write) = tokio::io::split(near);
+            Ok(pen_net::HostStream {
+                read: Box::new(read),
+                write: Box::new(write),
+            })
+        })
+    }
+
+    fn open_udp(
+        &self,
+        _target: SocketAddr,
+    ) -> pen_net::host::HostFuture<Box<dyn pen_net::HostDatagram>> {
+        Box::pin(async { Err(std::io::ErrorKind::Unsupported.into()) })
+    }
+
+    fn resolve(&self, name: &str) -> pen_net::host::HostFuture<Vec<IpAddr>> {
+        let found = name == "svc.invalid";
+        Box::pin(async move {
+            Ok(if found {
+                vec![IpAddr::V4(Ipv4Addr::new(198, 51, 100, 9))]
+            } else {
+                vec![]
+            })
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_swapped_host_side_serves_names_and_connections_without_the_network() {
+    let backend = Backend::bind_with_host_addrs(NetworkPolicy::default(), &[], HashSet::new())
+        .await
+        .unwrap()
+        .with_host(Arc::new(EchoHost));
+    let (guest, _seen, _serve) = attach(&Arc::new(backend));
+    let (rcode, addrs) = guest
+        .resolve(SocketAddrV4::new(DNS, 53), "svc.invalid")
+        .await
+        .unwrap();
+    assert_eq!(
+        (rcode, addrs),
+        (RCODE::NoError, vec![Ipv4Addr::new(198, 51, 100, 9)])
+    );
+    echo_roundtrip(
+        &guest,
+        SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 9), 80),
+    )
+    .await;
+    assert_eq!(
+        guest
+            .connect(SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 9), 81))
+            .await,
+        Err("refused".into())
+    );
+}

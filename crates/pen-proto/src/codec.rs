@@ -49,6 +49,8 @@ impl Decoder for FrameCodec {
         let Some(mut body) = self.framing.decode(src)? else {
             return Ok(None);
         };
+        #[cfg(feature = "capture")]
+        crate::capture::record(true, &body);
         if body.len() < 4 {
             return Ok(Some(Err(DecodeError::TooShort(body.len()))));
         }
@@ -72,6 +74,8 @@ impl Encoder<Frame> for FrameCodec {
         let payload = postcard::to_stdvec(&frame.message)
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
         body.extend_from_slice(&payload);
+        #[cfg(feature = "capture")]
+        crate::capture::record(false, &body);
         self.framing.encode(body.freeze(), dst)
     }
 }

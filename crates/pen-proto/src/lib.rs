@@ -14,6 +14,8 @@
 //! shutdown). Other ids name one exec session each; on the host ↔ guest link the supervisor
 //! allocates them, on the client ↔ supervisor link a connection is one session and uses id 1.
 
+#[cfg(feature = "capture")]
+mod capture;
 mod codec;
 mod message;
 #[cfg(any(test, feature = "testing"))]
