@@ -8,6 +8,8 @@ use std::thread::JoinHandle;
 
 use anyhow::Context;
 
+use crate::confine::Jail;
+
 /// A running `tar2sqfs` writing `out`; feed it tar on [`Packer::input`], then [`Packer::finish`].
 pub struct Packer {
     child: Child,
@@ -32,8 +34,20 @@ impl Packer {
             .map(|n| n.get())
             .unwrap_or(1)
             .to_string();
-        let mut cmd = Command::new("tar2sqfs");
+        // tar2sqfs parses what a builder VM (hostile, as every guest) streams: it runs
+        // confined to its input pipe and its output file (see `confine`).
+        let jail = Jail::new(Path::new("tar2sqfs"), out).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                anyhow::anyhow!("{e} (install squashfs-tools-ng)")
+            } else {
+                anyhow::Error::new(e)
+                    .context(format!("preparing tar2sqfs to write {}", out.display()))
+            }
+        })?;
+        let out = jail.output().to_path_buf();
+        let mut cmd = Command::new(jail.program());
         die_with_parent(&mut cmd, libc::SIGKILL);
+        jail.confine(&mut cmd);
         let mut child = cmd
             .args([
                 "--quiet",
@@ -44,12 +58,15 @@ impl Packer {
                 &jobs,
             ])
             .args(extra)
-            .arg(out)
+            .arg(&out)
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
-            .context("starting tar2sqfs (install squashfs-tools-ng)")?;
+            .context(
+                "starting tar2sqfs in namespaces of its own (`pen doctor` checks that user \
+                 namespaces work)",
+            )?;
         let input = child.stdin.take().expect("stdin is piped");
         let mut pipe = child.stderr.take().expect("stderr is piped");
         let stderr = std::thread::spawn(move || drain_keeping_tail(&mut pipe, STDERR_KEPT));
