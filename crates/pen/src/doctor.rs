@@ -83,11 +83,32 @@ fn virtiofsd_check() -> Check {
     }
 }
 
+/// Whether user namespaces work here: created, mounted in, and tar2sqfs's jail run.
+/// virtiofsd's sandbox and the packer's confinement both need them; Ubuntu's AppArmor
+/// restriction lets creating one succeed and fails only the mount, so the check mounts.
+fn userns_check() -> Check {
+    use pen_build::confine;
+    Check {
+        name: "user namespaces",
+        found: match confine::check_user_namespaces() {
+            Ok(()) => Ok(
+                "created one and mounted in it (virtiofsd and tar2sqfs run confined in them)"
+                    .into(),
+            ),
+            Err(failure) => Err(confine::userns_fix(
+                &failure,
+                &confine::UsernsSysctls::read(),
+            )),
+        },
+    }
+}
+
 /// Prints the report; true when everything required is present.
 pub fn run(home: &PenHome) -> bool {
     let checks = vec![
         qemu_check(),
         virtiofsd_check(),
+        userns_check(),
         tool(
             "mmdebstrap",
             pen_core::fsutil::find_in_path("mmdebstrap"),
