@@ -108,8 +108,8 @@ pub fn judge(i: &Intent) -> Verdict {
         let others_part = match i.others_growth.len() {
             0 => String::new(),
             n => format!(
-                " and {n} other VM{}'s by {}",
-                if n == 1 { "" } else { "s" },
+                " and {n} other {} by {}",
+                if n == 1 { "VM's" } else { "VMs'" },
                 human(others)
             ),
         };
