@@ -13,7 +13,8 @@
 //! no `/dev`, no network interface but a down loopback. Capabilities end at exec (a root
 //! pen's uid 0 is mapped to itself, so `SECBIT_NOROOT` keeps exec from granting them back
 //! and `no_new_privs` rules out set-id and file capabilities): the program cannot undo the
-//! read-only binds.
+//! read-only binds. Last, a seccomp filter refuses what could widen the jail or reach other
+//! processes (mounts, namespaces, nested user namespaces, ptrace, bpf, io_uring...).
 //!
 //! The same mechanism as virtiofsd's own sandbox (user namespaces), so it works for an
 //! ordinary user wherever pen works at all, and as root. `pen doctor` checks it
@@ -64,6 +65,8 @@ pub struct Jail {
     output: PathBuf,
     steps: Vec<Step>,
     uid_map: Vec<u8>,
+    /// The seccomp filter installed last ([`seccomp_filter`]).
+    filter: Vec<libc::sock_filter>,
     gid_map: Vec<u8>,
 }
 
@@ -120,6 +123,7 @@ impl Jail {
             steps,
             uid_map: format!("{uid} {uid} 1\n").into_bytes(),
             gid_map: format!("{gid} {gid} 1\n").into_bytes(),
+            filter: seccomp_filter(),
         })
     }
 
@@ -184,6 +188,17 @@ impl Jail {
                 0,
                 0,
             ))?;
+            if !self.filter.is_empty() {
+                let prog = libc::sock_fprog {
+                    len: self.filter.len() as u16,
+                    filter: self.filter.as_ptr() as *mut libc::sock_filter,
+                };
+                check(libc::prctl(
+                    libc::PR_SET_SECCOMP,
+                    libc::SECCOMP_MODE_FILTER as libc::c_ulong,
+                    &prog as *const libc::sock_fprog as libc::c_ulong,
+                ))?;
+            }
         }
         Ok(())
     }
@@ -272,6 +287,132 @@ impl Jail {
         ))?;
         Ok(())
     }
+}
+
+/// Syscalls the jailed program gets EPERM for: what could undo or widen the jail (mounts,
+/// namespaces, nested user namespaces and their capabilities), reach other processes, or
+/// open large kernel attack surface a packer never needs. Thread creation stays (`clone`
+/// without namespace flags; `clone3`, whose flags a filter cannot read, says ENOSYS and
+/// glibc falls back to `clone`).
+#[cfg(target_arch = "x86_64")]
+const DENIED: &[libc::c_long] = &[
+    libc::SYS_ptrace,
+    libc::SYS_process_vm_readv,
+    libc::SYS_process_vm_writev,
+    libc::SYS_mount,
+    libc::SYS_umount2,
+    libc::SYS_pivot_root,
+    libc::SYS_chroot,
+    libc::SYS_unshare,
+    libc::SYS_setns,
+    libc::SYS_fsopen,
+    libc::SYS_fsconfig,
+    libc::SYS_fsmount,
+    libc::SYS_fspick,
+    libc::SYS_move_mount,
+    libc::SYS_open_tree,
+    libc::SYS_mount_setattr,
+    libc::SYS_open_by_handle_at,
+    libc::SYS_name_to_handle_at,
+    libc::SYS_kexec_load,
+    libc::SYS_kexec_file_load,
+    libc::SYS_init_module,
+    libc::SYS_finit_module,
+    libc::SYS_delete_module,
+    libc::SYS_bpf,
+    libc::SYS_perf_event_open,
+    libc::SYS_keyctl,
+    libc::SYS_add_key,
+    libc::SYS_request_key,
+    libc::SYS_userfaultfd,
+    libc::SYS_io_uring_setup,
+    libc::SYS_io_uring_enter,
+    libc::SYS_io_uring_register,
+    libc::SYS_swapon,
+    libc::SYS_swapoff,
+    libc::SYS_reboot,
+    libc::SYS_acct,
+    libc::SYS_quotactl,
+];
+
+/// The namespace flags `clone` may not carry.
+#[cfg(target_arch = "x86_64")]
+const CLONE_NS_FLAGS: u32 = (libc::CLONE_NEWUSER
+    | libc::CLONE_NEWNS
+    | libc::CLONE_NEWPID
+    | libc::CLONE_NEWNET
+    | libc::CLONE_NEWIPC
+    | libc::CLONE_NEWUTS
+    | libc::CLONE_NEWCGROUP) as u32;
+
+/// A classic-BPF seccomp filter: other architectures' and x32 calls kill the process, the
+/// [`DENIED`] calls and `clone` with namespace flags fail with EPERM, `clone3` with ENOSYS,
+/// the rest is allowed. On other host architectures: none (the namespaces still hold).
+fn seccomp_filter() -> Vec<libc::sock_filter> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        const LD_ABS: u16 = 0x20; // BPF_LD | BPF_W | BPF_ABS
+        const JEQ: u16 = 0x15; // BPF_JMP | BPF_JEQ | BPF_K
+        const JGE: u16 = 0x35; // BPF_JMP | BPF_JGE | BPF_K
+        const JSET: u16 = 0x45; // BPF_JMP | BPF_JSET | BPF_K
+        const RET: u16 = 0x06; // BPF_RET | BPF_K
+        const AUDIT_ARCH_X86_64: u32 = 0xC000_003E;
+        const X32_BIT: u32 = 0x4000_0000;
+        let op = |code, k| libc::sock_filter {
+            code,
+            jt: 0,
+            jf: 0,
+            k,
+        };
+        // Built as jumps to four returns at the end, resolved once the length is known.
+        enum To {
+            Allow,
+            Deny,
+            NoSys,
+            Kill,
+            Next,
+        }
+        let mut body: Vec<(libc::sock_filter, To, To)> = vec![
+            (op(LD_ABS, 4), To::Next, To::Next), // seccomp_data.arch
+            (op(JEQ, AUDIT_ARCH_X86_64), To::Next, To::Kill),
+            (op(LD_ABS, 0), To::Next, To::Next), // seccomp_data.nr
+            (op(JGE, X32_BIT), To::Kill, To::Next),
+        ];
+        for nr in DENIED {
+            body.push((op(JEQ, *nr as u32), To::Deny, To::Next));
+        }
+        body.push((op(JEQ, libc::SYS_clone3 as u32), To::NoSys, To::Next));
+        body.push((op(JEQ, libc::SYS_clone as u32), To::Next, To::Allow));
+        body.push((op(LD_ABS, 16), To::Next, To::Next)); // args[0], low half: the flags
+        body.push((op(JSET, CLONE_NS_FLAGS), To::Deny, To::Allow));
+        let n = body.len();
+        let target = |to: &To, at: usize| -> u8 {
+            let index = match to {
+                To::Next => at + 1,
+                To::Allow => n,
+                To::Deny => n + 1,
+                To::NoSys => n + 2,
+                To::Kill => n + 3,
+            };
+            (index - at - 1) as u8
+        };
+        let mut prog: Vec<libc::sock_filter> = body
+            .iter()
+            .enumerate()
+            .map(|(at, (ins, jt, jf))| libc::sock_filter {
+                jt: target(jt, at),
+                jf: target(jf, at),
+                ..*ins
+            })
+            .collect();
+        prog.push(op(RET, libc::SECCOMP_RET_ALLOW));
+        prog.push(op(RET, libc::SECCOMP_RET_ERRNO | libc::EPERM as u32));
+        prog.push(op(RET, libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32));
+        prog.push(op(RET, libc::SECCOMP_RET_KILL_PROCESS));
+        prog
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    Vec::new()
 }
 
 /// `path` inside the new root, as seen after the first pivot.
@@ -595,6 +736,7 @@ mod tests {
             kill -0 {me} && echo SIGNALLED-HOST
             echo hi > /dev/tcp/127.0.0.1/{port} && echo CONNECTED
             unshare --mount true >&2 && echo KEPT-CAPABILITIES
+            unshare --user true >&2 && echo NESTED-USER-NAMESPACE
             echo done
             "#,
             out = out_abs.display(),

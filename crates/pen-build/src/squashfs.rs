@@ -193,6 +193,13 @@ mod tests {
                 "tar2sqfs shares pen's {kind} namespace"
             );
         }
+        let status = std::fs::read_to_string(format!("/proc/{tar2sqfs}/status")).unwrap();
+        assert!(
+            status
+                .lines()
+                .any(|l| l.split_whitespace().collect::<Vec<_>>() == ["Seccomp:", "2"]),
+            "tar2sqfs runs without a seccomp filter:\n{status}"
+        );
         let mut tar = tar::Builder::new(input);
         let mut header = tar::Header::new_gnu();
         header.set_size(5);

@@ -182,7 +182,11 @@ pub fn run(home: &PenHome) -> bool {
             );
         }
     }
-    println!("-        {:<20} {}", "resource limits", cgroup_offer(&CgroupHost::read()));
+    println!(
+        "-        {:<20} {}",
+        "resource limits",
+        cgroup_offer(&CgroupHost::read())
+    );
     match pen_core::image::BaseImage::load(home) {
         Some(base) => println!(
             "ok       {:<20} {} (kernel {}, built {} ago)",
