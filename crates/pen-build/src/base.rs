@@ -42,6 +42,8 @@ pub fn build_base(home: &PenHome) -> anyhow::Result<BaseImage> {
         }
     }
 
+    // mmdebstrap's tar and the squashfs are written beside the image.
+    pen_core::space::ensure_room("build the base image", &images, 0, &[])?;
     let progress = Progress::start("building the base image (once; about a minute)");
     let result = build_into(home, &progress);
     match &result {

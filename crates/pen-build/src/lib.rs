@@ -7,13 +7,15 @@
 //!   `pen-init` only regenerates the initrd (from the modules kept in `images/modules/`).
 //! * [`sources`]: the host's apt sources, which the base build uses (pen names no mirror).
 //! * [`initrd`]: the newc initrd (pen-init + boot modules in dependency order).
-//! * [`squashfs`]: the `tar2sqfs` packer shared by base and profile images and volumes.
+//! * [`squashfs`]: the `tar2sqfs` packer shared by base and profile images and volumes, run
+//!   in a [`confine`]ment of its own (it parses what a builder VM streams).
 //! * [`volume`]: read-only volumes packed from a host directory or a tar stream.
 //! * [`profile`]: profile images, built in a builder VM; [`build_ca`]: extra CAs for builds
 //!   behind TLS-intercepting proxies.
 
 pub mod base;
 pub mod build_ca;
+pub mod confine;
 pub mod initrd;
 pub mod profile;
 pub mod sources;

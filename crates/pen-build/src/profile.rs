@@ -77,6 +77,13 @@ pub fn build(home: &PenHome, profile: &LoadedProfile, base: &BaseImage) -> anyho
         }
     };
     sweep_dead_builds(&dir);
+    // The builder VM's scratch disk and the new image are written in `dir`.
+    pen_core::space::ensure_room(
+        &format!("build profile {}'s image", profile.name),
+        &dir,
+        0,
+        &[],
+    )?;
     let progress = Progress::start(&format!("building profile {}'s image", profile.name));
     let result = build_locked(home, profile, base, extra_ca.as_ref(), &progress);
     match &result {

@@ -8,6 +8,8 @@ use std::thread::JoinHandle;
 
 use anyhow::Context;
 
+use crate::confine::Jail;
+
 /// A running `tar2sqfs` writing `out`; feed it tar on [`Packer::input`], then [`Packer::finish`].
 pub struct Packer {
     child: Child,
@@ -32,8 +34,20 @@ impl Packer {
             .map(|n| n.get())
             .unwrap_or(1)
             .to_string();
-        let mut cmd = Command::new("tar2sqfs");
+        // tar2sqfs parses what a builder VM (hostile, as every guest) streams: it runs
+        // confined to its input pipe and its output file (see `confine`).
+        let jail = Jail::new(Path::new("tar2sqfs"), out).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                anyhow::anyhow!("{e} (install squashfs-tools-ng)")
+            } else {
+                anyhow::Error::new(e)
+                    .context(format!("preparing tar2sqfs to write {}", out.display()))
+            }
+        })?;
+        let out = jail.output().to_path_buf();
+        let mut cmd = Command::new(jail.program());
         die_with_parent(&mut cmd, libc::SIGKILL);
+        jail.confine(&mut cmd);
         let mut child = cmd
             .args([
                 "--quiet",
@@ -44,12 +58,15 @@ impl Packer {
                 &jobs,
             ])
             .args(extra)
-            .arg(out)
+            .arg(&out)
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
-            .context("starting tar2sqfs (install squashfs-tools-ng)")?;
+            .context(
+                "starting tar2sqfs in namespaces of its own (`pen doctor` checks that user \
+                 namespaces work)",
+            )?;
         let input = child.stdin.take().expect("stdin is piped");
         let mut pipe = child.stderr.take().expect("stderr is piped");
         let stderr = std::thread::spawn(move || drain_keeping_tail(&mut pipe, STDERR_KEPT));
@@ -134,6 +151,67 @@ fn drain_keeping_tail(pipe: &mut impl Read, keep: usize) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The processes whose parent is `pid`.
+    fn children_of(pid: u32) -> Vec<u32> {
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|p| {
+                let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
+                let after = stat.rsplit_once(") ").map(|(_, r)| r).unwrap_or("");
+                after.split(' ').nth(1) == Some(pid.to_string().as_str())
+            })
+            .collect()
+    }
+
+    /// tar2sqfs parses what a builder VM streams: it must not run in pen's namespaces.
+    #[test]
+    fn the_packer_runs_in_namespaces_of_its_own_and_still_packs() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out.sqfs");
+        let (packer, input) = Packer::start(&out).unwrap();
+        let handle = packer.child.id();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let tar2sqfs = loop {
+            if let Some(&p) = children_of(handle).first() {
+                break p;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no tar2sqfs under its handle"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        let ns =
+            |pid: &str, kind: &str| std::fs::read_link(format!("/proc/{pid}/ns/{kind}")).unwrap();
+        for kind in ["user", "mnt", "pid", "net", "ipc"] {
+            assert_ne!(
+                ns(&tar2sqfs.to_string(), kind),
+                ns("self", kind),
+                "tar2sqfs shares pen's {kind} namespace"
+            );
+        }
+        let status = std::fs::read_to_string(format!("/proc/{tar2sqfs}/status")).unwrap();
+        assert!(
+            status
+                .lines()
+                .any(|l| l.split_whitespace().collect::<Vec<_>>() == ["Seccomp:", "2"]),
+            "tar2sqfs runs without a seccomp filter:\n{status}"
+        );
+        let mut tar = tar::Builder::new(input);
+        let mut header = tar::Header::new_gnu();
+        header.set_size(5);
+        header.set_mode(0o644);
+        header.set_cksum();
+        tar.append_data(&mut header, "hello", &b"world"[..])
+            .unwrap();
+        drop(tar.into_inner().unwrap());
+        packer.finish().unwrap().unwrap();
+        let magic = std::fs::read(&out).unwrap();
+        assert_eq!(&magic[..4], b"hsqs", "not a squashfs image");
+    }
 
     #[test]
     fn a_chatty_child_is_drained_while_it_runs() {

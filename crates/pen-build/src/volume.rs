@@ -152,6 +152,7 @@ pub fn create(
 ) -> anyhow::Result<VolumeInfo> {
     let dir = home.volumes();
     create_private_dir_all(&dir)?;
+    pen_core::space::ensure_room(&format!("create volume {name}"), &dir, 0, &[])?;
     // 0600, removed on drop unless persisted: a failed create leaves nothing behind.
     let tmp = tempfile::Builder::new()
         .prefix(&format!(".{name}.sqfs."))

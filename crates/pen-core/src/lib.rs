@@ -10,6 +10,7 @@
 //! * [`image`]: what an image is: the base image's manifest and files, profile images and
 //!   their status.
 //! * [`fsutil`]: atomic writes, hashing, file helpers; [`progress`]: spinners for long steps.
+//! * [`space`]: the free-space floor and the warning about what VM disks could still write.
 //! * [`interrupt`]: what an interrupted `pen` undoes (builder VMs, packers, scratch dirs).
 
 pub mod envspec;
@@ -23,6 +24,7 @@ pub mod paths;
 pub mod profile;
 pub mod progress;
 pub mod size;
+pub mod space;
 pub mod testpoint;
 pub mod vm;
 pub mod volume;

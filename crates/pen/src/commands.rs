@@ -254,6 +254,12 @@ fn prepare(home: &PenHome, name: Option<&str>, args: &CreateArgs) -> anyhow::Res
     if !running {
         // Before vm.json is written or a supervisor spawned: a published port in use.
         pen_vm::net::check_publish_ports(&config.network.publish).map_err(anyhow::Error::msg)?;
+        // And a host disk too full to boot it (or one its disk and the others' could fill).
+        let what = match &existing {
+            None => format!("create VM {name}"),
+            Some(_) => format!("start VM {name}"),
+        };
+        pen_core::space::ensure_vm_room(&what, &home.vms(), &name, config.disk_size)?;
     }
     if existing.as_ref() != Some(&config) {
         config.save(&paths)?;

@@ -83,11 +83,68 @@ fn virtiofsd_check() -> Check {
     }
 }
 
+/// Whether user namespaces work here: created, mounted in, and tar2sqfs's jail run.
+/// virtiofsd's sandbox and the packer's confinement both need them; Ubuntu's AppArmor
+/// restriction lets creating one succeed and fails only the mount, so the check mounts.
+fn userns_check() -> Check {
+    use pen_build::confine;
+    Check {
+        name: "user namespaces",
+        found: match confine::check_user_namespaces() {
+            Ok(()) => Ok(
+                "created one and mounted in it (virtiofsd and tar2sqfs run confined in them)"
+                    .into(),
+            ),
+            Err(failure) => Err(confine::userns_fix(
+                &failure,
+                &confine::UsernsSysctls::read(),
+            )),
+        },
+    }
+}
+
+/// What decides whether pen can offer a cgroup limit for a VM's processes.
+struct CgroupHost {
+    /// cgroup v2 mounted at /sys/fs/cgroup (the unified hierarchy systemd delegates).
+    unified: bool,
+    /// A systemd user manager to ask for a scope (its private socket exists).
+    user_manager: bool,
+}
+
+impl CgroupHost {
+    fn read() -> CgroupHost {
+        let runtime = std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from);
+        CgroupHost {
+            unified: std::path::Path::new("/sys/fs/cgroup/cgroup.controllers").exists(),
+            user_manager: runtime.is_some_and(|r| r.join("systemd/private").exists()),
+        }
+    }
+}
+
+/// How to bound a VM's CPU and memory on this host, or why pen cannot offer it. Without a
+/// limit a VM takes up to `--cpus` host cores and `--memory` plus QEMU's own (ARCHITECTURE.md,
+/// threat model, "Host resources").
+fn cgroup_offer(host: &CgroupHost) -> String {
+    match (host.unified, host.user_manager) {
+        (true, true) => "start a VM in a systemd scope to cap it: `systemd-run --user --scope \
+             -p MemoryMax=4G -p CPUQuota=200% pen start NAME` (its supervisor, QEMU and \
+             virtiofsd stay in that scope)"
+            .into(),
+        (false, _) => "none offered: no cgroup v2 hierarchy at /sys/fs/cgroup to delegate; a VM \
+             is bounded by --cpus and --memory only"
+            .into(),
+        (true, false) => "none offered: no systemd user manager (no `systemctl --user`) to \
+             delegate a cgroup; a VM is bounded by --cpus and --memory only"
+            .into(),
+    }
+}
+
 /// Prints the report; true when everything required is present.
 pub fn run(home: &PenHome) -> bool {
     let checks = vec![
         qemu_check(),
         virtiofsd_check(),
+        userns_check(),
         tool(
             "mmdebstrap",
             pen_core::fsutil::find_in_path("mmdebstrap"),
@@ -125,6 +182,11 @@ pub fn run(home: &PenHome) -> bool {
             );
         }
     }
+    println!(
+        "-        {:<20} {}",
+        "resource limits",
+        cgroup_offer(&CgroupHost::read())
+    );
     match pen_core::image::BaseImage::load(home) {
         Some(base) => println!(
             "ok       {:<20} {} (kernel {}, built {} ago)",
@@ -144,6 +206,19 @@ pub fn run(home: &PenHome) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cgroup_limit_is_offered_only_with_cgroup_v2_and_a_user_manager() {
+        let offer = |unified, user_manager| {
+            cgroup_offer(&CgroupHost {
+                unified,
+                user_manager,
+            })
+        };
+        assert!(offer(true, true).contains("systemd-run --user --scope"));
+        assert!(offer(false, true).contains("no cgroup v2"));
+        assert!(offer(true, false).contains("no systemd user manager"));
+    }
 
     #[test]
     fn reads_qemu_versions() {
