@@ -504,3 +504,65 @@ fn sigkill_of_pen_supervisor_or_qemu_loses_no_synced_data() {
         let _ = std::fs::remove_dir_all(snap);
     }
 }
+
+/// `pen ARGS` with `PEN_TEST_PAUSE=point` and SIGINT at its default (see [`spawn`]).
+fn spawn_paused_interruptible(pen: &Pen, args: &[String], point: &str) -> Running {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = pen.cmd(args);
+    cmd.env("PEN_TEST_PAUSE", point);
+    // SAFETY: signal(2) is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::signal(libc::SIGINT, libc::SIG_DFL);
+            Ok(())
+        });
+    }
+    spawn_cmd(cmd, None)
+}
+
+#[test]
+fn a_client_interrupted_while_its_vm_boots_takes_the_vm_down() {
+    let pen = Pen::new("intr-boot");
+    for (vm, verb, signal) in [
+        ("ib-int", "shell", Signal::SIGINT),
+        ("ib-term", "exec", Signal::SIGTERM),
+        ("ib-hup", "shell", Signal::SIGHUP),
+    ] {
+        let mut args = pen.create_args(verb, vm, &[]);
+        if verb == "exec" {
+            args.extend(["--", "true"].map(String::from));
+        }
+        // The supervisor stops itself once the new VM's overlay disk exists, before QEMU
+        // starts: the client is interrupted while it waits for the boot, which then goes on.
+        let mut run = spawn_paused_interruptible(&pen, &args, "overlay created");
+        let sup = supervisor_paused(&pen, vm, &mut run);
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(run.pid() as i32), signal).unwrap();
+        let out = run.wait(TEARDOWN_LIMIT);
+        assert_ne!(out.code, Some(0), "{out}");
+        let sent = Instant::now();
+        cont(sup);
+        // The supervisor finds its spawner gone and stops the VM instead of booting it for
+        // nobody (it used to boot it, then wait 15 s for a client that never came).
+        let gone = wait_until(Duration::from_secs(90), || {
+            pen.leftover_processes().is_empty()
+        });
+        assert!(
+            gone,
+            "{signal} to `pen {verb}` left its VM running: {:#?}",
+            pen.leftover_processes()
+        );
+        eprintln!(
+            "pen-it: {vm} down {:.1}s after the supervisor went on",
+            sent.elapsed().as_secs_f64()
+        );
+        let log = std::fs::read_to_string(pen.vm_dir(vm).join("supervisor.log")).unwrap();
+        assert!(
+            log.contains("the pen that started the VM went away before it was ready"),
+            "{signal} to `pen {verb}`: the VM was not stopped for it:\n{log}"
+        );
+        assert_eq!(pen.status(vm), "stopped");
+    }
+    // Nothing of it stands in the way of the next start.
+    let out = pen.exec("ib-int", &["echo", "back"]).ok();
+    assert_eq!(out.stdout_str(), "back\n");
+}
