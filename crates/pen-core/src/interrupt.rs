@@ -218,7 +218,7 @@ pub fn process_tree(pid: u32) -> Vec<u32> {
 }
 
 /// Field `n` of /proc/PID/stat counted from the one after the command name (0 = state,
-/// 1 = ppid, 19 = start time).
+/// 1 = ppid, 2 = process group, 19 = start time).
 fn stat_field(pid: u32, n: usize) -> Option<String> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let rest = &stat[stat.rfind(')')? + 1..];
@@ -274,16 +274,54 @@ pub fn kill_tree(pid: u32, signal: Signal, limit: std::time::Duration) {
     }
 }
 
-/// SIGTERM to `pid` alone, which then has up to `grace` to clean up after itself and exit;
-/// what is left of its tree after that is killed ([`kill_tree`]).
-pub fn terminate(pid: u32, grace: std::time::Duration) {
+/// SIGTERM to the process group that `pid` leads (started with a group of its own), as a
+/// terminal's Ctrl-C reaches every process of a foreground job: a program that cleans up on
+/// a signal, such as mmdebstrap, waits for its helpers to end, and they end on the same
+/// signal. `pid` then has up to `grace` to clean up after itself and exit; what is left of
+/// the group and of `pid`'s tree after that is killed. When `pid` leads no group, it alone
+/// gets the SIGTERM.
+pub fn terminate_group(pid: u32, grace: std::time::Duration) {
     let start = start_time(pid);
-    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGTERM);
+    let leader = nix::unistd::Pid::from_raw(pid as i32);
+    let leads = nix::unistd::getpgid(Some(leader)) == Ok(leader);
+    let target = if leads {
+        nix::unistd::Pid::from_raw(-(pid as i32))
+    } else {
+        leader
+    };
+    let _ = nix::sys::signal::kill(target, Signal::SIGTERM);
     let deadline = std::time::Instant::now() + grace;
     while !has_exited(pid, &start) && std::time::Instant::now() < deadline {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
     kill_tree(pid, Signal::SIGKILL, std::time::Duration::from_secs(5));
+    if leads {
+        let members: Vec<(u32, Option<String>)> = group_members(pid)
+            .into_iter()
+            .map(|p| (p, start_time(p)))
+            .collect();
+        for (p, _) in &members {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*p as i32), Signal::SIGKILL);
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while members.iter().any(|(p, start)| !has_exited(*p, start))
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+}
+
+/// The processes of process group `pgid`, from /proc.
+fn group_members(pgid: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|p| stat_field(*p, 2).and_then(|g| g.parse::<u32>().ok()) == Some(pgid))
+        .collect()
 }
 
 #[cfg(test)]
@@ -319,6 +357,45 @@ mod tests {
             false
         });
         assert!(gone, "the grandchild {sleep} outlived kill_tree");
+    }
+
+    #[test]
+    fn terminating_a_group_reaches_the_helpers_its_leader_waits_for() {
+        use std::os::unix::process::CommandExt;
+        // A leader that, like mmdebstrap, ignores SIGTERM itself and waits for its helper,
+        // which ends on it: SIGTERM to the leader alone would leave both running.
+        let dir = tempfile::tempdir().unwrap();
+        let done = dir.path().join("done");
+        let script = format!(
+            "trap : TERM; sleep 600 & helper=$!; wait $helper; wait $helper; touch {}",
+            done.display()
+        );
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", &script])
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        let ready = (0..250).any(|_| {
+            if process_tree(pid).len() >= 2 {
+                return true;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            false
+        });
+        assert!(ready, "the helpers did not start");
+        let started = std::time::Instant::now();
+        terminate_group(pid, std::time::Duration::from_secs(10));
+        assert!(child.wait().is_ok());
+        assert!(
+            done.exists(),
+            "the leader did not get to clean up after its helper ended"
+        );
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(10),
+            "the helper did not end on the signal: the leader was killed after the grace"
+        );
+        assert!(group_members(pid).is_empty());
     }
 
     /// The disposition of `sig` now (the handler's address, or SIG_DFL/SIG_IGN).
