@@ -267,9 +267,12 @@ fn write_initrd(modules_dir: &Path, out: &Path) -> anyhow::Result<()> {
 /// Runs a command, showing its output lines as progress and keeping them in the log.
 fn run_logged(mut cmd: Command, progress: &Progress, log: &mut File) -> anyhow::Result<()> {
     let program = cmd.get_program().to_string_lossy().into_owned();
-    // mmdebstrap cleans up (its mounts, its temporary root) on SIGTERM: it gets one when
-    // pen dies, and when pen is interrupted pen waits for that cleanup.
+    // mmdebstrap cleans up (its mounts, its temporary root) on SIGTERM once its helpers
+    // (apt-get, dpkg in the chroot) have ended, which they do on the same signal: it runs
+    // in a process group of its own, which pen signals as a whole when it is interrupted,
+    // and pen waits for that cleanup. It also gets a SIGTERM when pen dies.
     crate::squashfs::die_with_parent(&mut cmd, libc::SIGTERM);
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
     let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -278,7 +281,7 @@ fn run_logged(mut cmd: Command, progress: &Progress, log: &mut File) -> anyhow::
         .with_context(|| format!("starting {program}"))?;
     let pid = child.id();
     let _undo = pen_core::interrupt::on_interrupt(move || {
-        pen_core::interrupt::terminate(pid, std::time::Duration::from_secs(60))
+        pen_core::interrupt::terminate_group(pid, std::time::Duration::from_secs(60))
     });
     // mmdebstrap talks on stderr; merge stdout in from a thread.
     let stdout = child.stdout.take().unwrap();

@@ -174,8 +174,8 @@ pub enum VolumeCommand {
     /// Remove a volume. Refused while a VM uses it (--force: when those VMs are stopped).
     Rm {
         name: String,
-        /// Remove it although stopped VMs name it (their next start fails until it is
-        /// re-created or they start with --volume none).
+        /// Remove it although stopped VMs name it: they no longer mount it (their
+        /// other volumes stay).
         #[arg(long)]
         force: bool,
     },

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use pen_build::volume::{self as pack, Source};
 use pen_core::paths::{PenHome, VmPaths};
-use pen_core::vm::{self, Status, VmConfig};
+use pen_core::vm::{self, Status, VmConfig, VmLock};
 use pen_core::volume::{self, VolumeMount};
 use pen_core::{names, size, usage, UsageError};
 
@@ -163,11 +163,18 @@ fn rm(home: &PenHome, name: &str, force: bool) -> anyhow::Result<i32> {
     names::validate("volume", name)?;
     volume::check_exists(home, name, "pen volume rm")?;
     let users = users(home, name);
-    let running: Vec<&str> = users
-        .iter()
-        .filter(|(_, s)| *s == Status::Running)
-        .map(|(vm, _)| vm.as_str())
-        .collect();
+    // Each VM that names the volume is locked (the lock its supervisor takes) until the
+    // volume is gone: none can start in between and open the file, and a running one, which
+    // holds its lock, is found for certain.
+    let mut locked = Vec::new();
+    let mut running = Vec::new();
+    for (vm, _) in &users {
+        let paths = VmPaths::new(home, vm);
+        match VmLock::try_acquire(&paths)? {
+            Some(lock) => locked.push((vm.as_str(), paths, lock)),
+            None => running.push(vm.as_str()),
+        }
+    }
     if !running.is_empty() {
         return usage!(
             "volume {name} is in use by running VM(s) {}; stop them first (`pen stop {}`)",
@@ -175,21 +182,43 @@ fn rm(home: &PenHome, name: &str, force: bool) -> anyhow::Result<i32> {
             running[0]
         );
     }
-    let configured: Vec<&str> = users.iter().map(|(vm, _)| vm.as_str()).collect();
-    if !configured.is_empty() && !force {
+    if !locked.is_empty() && !force {
+        let configured: Vec<&str> = locked.iter().map(|(vm, _, _)| *vm).collect();
         return usage!(
-            "volume {name} is used by VM(s) {}; start them with other --volume flags (or --volume none) first, or use `pen volume rm {name} --force`",
+            "volume {name} is used by VM(s) {}; start them with other --volume flags (or --volume none) first, or use `pen volume rm {name} --force` to take it from them",
             configured.join(", ")
         );
+    }
+    // --force: the VMs forget the volume first, so that whatever happens next none of them
+    // names a volume that is gone (a start would fail on it); a pen killed in between leaves
+    // the volume unused, for the next `pen volume rm` to remove.
+    let mut detached = Vec::new();
+    for (vm, paths, _lock) in &locked {
+        let Some(mut config) = VmConfig::load(paths)? else {
+            continue;
+        };
+        let was: Vec<String> = config
+            .volumes
+            .iter()
+            .filter(|v| v.name == name)
+            .map(|v| v.path.clone())
+            .collect();
+        if was.is_empty() {
+            continue;
+        }
+        config.volumes.retain(|v| v.name != name);
+        config.save(paths)?;
+        detached.push(format!("{vm} ({})", was.join(", ")));
     }
     let path = home.volume_file(name);
     std::fs::remove_file(&path).map_err(|e| anyhow::anyhow!("removing {}: {e}", path.display()))?;
     pen_core::fsutil::sync_dir(&home.volumes());
+    drop(locked);
     eprintln!("pen: removed volume {name}");
-    if !configured.is_empty() {
+    if !detached.is_empty() {
         eprintln!(
-            "pen: VM(s) {} still name volume {name}: their next start fails until it is re-created or they start with --volume none",
-            configured.join(", ")
+            "pen: VM(s) {} no longer mount volume {name}; `pen volume create {name}` and `--volume {name}:PATH` at a start bring it back",
+            detached.join(", ")
         );
     }
     Ok(0)

@@ -504,3 +504,221 @@ fn sigkill_of_pen_supervisor_or_qemu_loses_no_synced_data() {
         let _ = std::fs::remove_dir_all(snap);
     }
 }
+
+/// `pen ARGS` with `PEN_TEST_PAUSE=point` and SIGINT at its default (see [`spawn`]).
+fn spawn_paused_interruptible(pen: &Pen, args: &[String], point: &str) -> Running {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = pen.cmd(args);
+    cmd.env("PEN_TEST_PAUSE", point);
+    // SAFETY: signal(2) is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::signal(libc::SIGINT, libc::SIG_DFL);
+            Ok(())
+        });
+    }
+    spawn_cmd(cmd, None)
+}
+
+#[test]
+fn a_client_interrupted_while_its_vm_boots_takes_the_vm_down() {
+    let pen = Pen::new("intr-boot");
+    for (vm, verb, signal) in [
+        ("ib-int", "shell", Signal::SIGINT),
+        ("ib-term", "exec", Signal::SIGTERM),
+        ("ib-hup", "shell", Signal::SIGHUP),
+    ] {
+        let mut args = pen.create_args(verb, vm, &[]);
+        if verb == "exec" {
+            args.extend(["--", "true"].map(String::from));
+        }
+        // The supervisor stops itself once the new VM's overlay disk exists, before QEMU
+        // starts: the client is interrupted while it waits for the boot, which then goes on.
+        let mut run = spawn_paused_interruptible(&pen, &args, "overlay created");
+        let sup = supervisor_paused(&pen, vm, &mut run);
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(run.pid() as i32), signal).unwrap();
+        let out = run.wait(TEARDOWN_LIMIT);
+        assert_ne!(out.code, Some(0), "{out}");
+        let sent = Instant::now();
+        cont(sup);
+        // The supervisor finds its spawner gone and stops the VM instead of booting it for
+        // nobody (it used to boot it, then wait 15 s for a client that never came).
+        let gone = wait_until(Duration::from_secs(90), || {
+            pen.leftover_processes().is_empty()
+        });
+        assert!(
+            gone,
+            "{signal} to `pen {verb}` left its VM running: {:#?}",
+            pen.leftover_processes()
+        );
+        eprintln!(
+            "pen-it: {vm} down {:.1}s after the supervisor went on",
+            sent.elapsed().as_secs_f64()
+        );
+        let log = std::fs::read_to_string(pen.vm_dir(vm).join("supervisor.log")).unwrap();
+        assert!(
+            log.contains("the pen that started the VM went away before it was ready"),
+            "{signal} to `pen {verb}`: the VM was not stopped for it:\n{log}"
+        );
+        assert_eq!(pen.status(vm), "stopped");
+    }
+    // Nothing of it stands in the way of the next start.
+    let out = pen.exec("ib-int", &["echo", "back"]).ok();
+    assert_eq!(out.stdout_str(), "back\n");
+}
+
+/// `pid` and its descendants now, each with its start time (see `pen_core::interrupt`).
+fn process_tree(pid: u32) -> Vec<(u32, Option<String>)> {
+    pen_core::interrupt::process_tree(pid)
+        .into_iter()
+        .map(|p| (p, pen_core::interrupt::start_time(p)))
+        .collect()
+}
+
+#[test]
+fn an_interrupted_base_build_leaves_nothing_and_keeps_the_previous_image() {
+    use std::os::unix::fs::MetadataExt;
+    ensure_image();
+    let pen = Pen::without_vms("intr-base");
+    let images = pen.home.join("images");
+    // The previous image: the shared one's files (hard links: a build renames over them,
+    // never writes them), under a base.json that says they hold another pen-init, so the
+    // build runs in full.
+    let shared = it_root().join("images");
+    std::fs::create_dir_all(images.join("modules")).unwrap();
+    for file in ["vmlinuz", "initrd", "rootfs.sqfs"] {
+        std::fs::hard_link(shared.join(file), images.join(file)).unwrap();
+    }
+    for entry in std::fs::read_dir(shared.join("modules")).unwrap().flatten() {
+        std::fs::hard_link(entry.path(), images.join("modules").join(entry.file_name())).unwrap();
+    }
+    let mut manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(shared.join("base.json")).unwrap()).unwrap();
+    manifest["pen_init_sha256"] = "0".repeat(64).into();
+    std::fs::write(images.join("base.json"), manifest.to_string()).unwrap();
+    let previous: Vec<(&str, u64)> = ["vmlinuz", "initrd", "rootfs.sqfs"]
+        .into_iter()
+        .map(|f| (f, std::fs::metadata(images.join(f)).unwrap().ino()))
+        .collect();
+    let previous_manifest = std::fs::read(images.join("base.json")).unwrap();
+
+    // mmdebstrap's keyring directories (/tmp/mmdebstrap.gpghome.*) there before.
+    let gpghomes = || -> Vec<PathBuf> {
+        std::fs::read_dir(std::env::temp_dir())
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("mmdebstrap."))
+            .map(|e| e.path())
+            .collect()
+    };
+    let before = gpghomes();
+
+    // Interrupted while mmdebstrap installs packages in its chroot (its mounts are up).
+    let build: Vec<String> = ["image", "build", "--base"].map(String::from).to_vec();
+    let mut run = spawn(&pen, &build);
+    let log = images.join("base-build.log");
+    let reached = wait_until(BUILD_TIMEOUT, || {
+        std::fs::read_to_string(&log).is_ok_and(|l| l.contains("I: installing remaining packages"))
+            || run.try_wait().is_some()
+    });
+    assert!(
+        reached && run.try_wait().is_none(),
+        "the build never got to mmdebstrap's chroot"
+    );
+    let text = std::fs::read_to_string(&log).unwrap();
+    let tempdir = text
+        .lines()
+        .find_map(|l| l.strip_prefix("I: using ")?.strip_suffix(" as tempdir"))
+        .map(PathBuf::from)
+        .expect("mmdebstrap names its tempdir");
+    let tree = process_tree(run.pid());
+    assert!(
+        tree.len() > 2,
+        "mmdebstrap runs nothing: the test proves nothing ({tree:?})"
+    );
+    let sent = Instant::now();
+    interrupt(&run, Signal::SIGINT);
+    let out = run.wait(Duration::from_secs(120));
+    eprintln!("pen-it: exited after {:.1}s", sent.elapsed().as_secs_f64());
+    assert_eq!(
+        out.code,
+        Some(128 + libc::SIGINT),
+        "not an orderly exit:\n{out}"
+    );
+
+    let mut left: Vec<String> = tree
+        .iter()
+        .filter(|(p, start)| !pen_core::interrupt::has_exited(*p, start))
+        .map(|(p, _)| format!("process {p}"))
+        .collect();
+    // Started after the list was taken (apt runs dpkg after dpkg): whatever has its root or
+    // working directory in the chroot, or this test's PEN_HOME in its environment.
+    left.extend(
+        pen.leftover_processes()
+            .iter()
+            .map(|p| format!("process {} {:?}", p.pid, p.argv)),
+    );
+    left.extend(processes().iter().filter_map(|p| {
+        ["root", "cwd"].iter().find_map(|link| {
+            let target = std::fs::read_link(format!("/proc/{}/{link}", p.pid)).ok()?;
+            target.starts_with(&tempdir).then(|| {
+                format!(
+                    "process {} {:?} ({link} {})",
+                    p.pid,
+                    p.argv,
+                    target.display()
+                )
+            })
+        })
+    }));
+    let temp = tempdir.to_string_lossy();
+    left.extend(
+        std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains(temp.as_ref()))
+            .map(|m| format!("mount {m}")),
+    );
+    left.extend(
+        gpghomes()
+            .into_iter()
+            .filter(|d| !before.contains(d))
+            .map(|d| format!("mmdebstrap's directory {}", d.display())),
+    );
+    left.extend(
+        std::fs::read_dir(&images)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with(".tmp-base-"))
+            .map(|e| format!("scratch directory {}", e.path().display())),
+    );
+    assert!(
+        left.is_empty(),
+        "an interrupted base build left: {left:#?}\n{out}"
+    );
+    // The previous image as it was: same files, same manifest.
+    for (file, ino) in &previous {
+        assert_eq!(
+            std::fs::metadata(images.join(file)).unwrap().ino(),
+            *ino,
+            "{file} was replaced"
+        );
+    }
+    assert_eq!(
+        std::fs::read(images.join("base.json")).unwrap(),
+        previous_manifest
+    );
+    assert!(images.join("modules/load.list").exists());
+
+    // And the next build runs to the end.
+    run_cmd(pen.cmd(&build), None, BUILD_TIMEOUT).ok();
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(images.join("base.json")).unwrap()).unwrap();
+    assert_ne!(manifest["pen_init_sha256"], "0".repeat(64).as_str());
+    assert!(pen.leftover_processes().is_empty());
+}
+
+fn interrupt(run: &Running, signal: Signal) {
+    eprintln!("pen-it: {signal} to pen {}", run.pid());
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(run.pid() as i32), signal).unwrap();
+}

@@ -400,17 +400,25 @@ fn killing_the_supervisor_leaves_no_qemu_or_virtiofsd() {
         before.iter().any(|p| p.argv[0].contains("virtiofsd")),
         "no virtiofsd found for the VM: {before:#?}"
     );
+    // Each process as it is now, told apart from a later one with its pid by its start.
+    let seen: Vec<(u32, Option<String>)> = before
+        .iter()
+        .map(|p| (p.pid, pen_core::interrupt::start_time(p.pid)))
+        .collect();
     kill9(pid);
+    // Exited means every thread of a process has: the supervisor's main thread may end
+    // before its others, which hold its lock until they are out too (and /proc shows such a
+    // process without a command line, as `leftover_processes` cannot see).
     assert!(
-        wait_until(Duration::from_secs(5), || pen
-            .leftover_processes()
-            .is_empty()),
+        wait_until(Duration::from_secs(5), || seen
+            .iter()
+            .all(|(p, start)| pen_core::interrupt::has_exited(*p, start))),
         "left behind 5 s after the supervisor was killed: {:#?}",
         pen.leftover_processes()
     );
-    // The kernel drops the dead supervisor's flock when the last of its descriptors closes,
-    // which may trail the processes' exit by a moment.
-    pen.wait_status("orph", "stopped", Duration::from_secs(10));
+    assert!(pen.leftover_processes().is_empty());
+    // Nothing holds the lock any more.
+    assert_eq!(pen.status("orph"), "stopped");
     // Stale sockets do not stand in the way of the next start.
     let out = pen.exec("orph", &["echo", "back"]).ok();
     assert_eq!(out.stdout_str(), "back\n");

@@ -1,7 +1,8 @@
 //! Read-only volumes (SPEC "Volumes"): a host tree packed once reads the same (names,
 //! modes, links, sizes, contents) in several VMs at once, cannot be written, survives
 //! re-creation under a running VM, is attached after the snapshot point (a restored VM
-//! mounts its own volumes), and `pen volume rm` refuses a volume in use. Bad input is
+//! mounts its own volumes), and `pen volume rm` refuses a volume in use (`--force` takes
+//! it from stopped VMs). Bad input is
 //! refused with exit 2 before anything is made.
 
 mod common;
@@ -265,29 +266,56 @@ fn recreating_a_volume_reaches_a_vm_at_its_next_start_and_rm_refuses_one_in_use(
     // Configured but stopped: refused without --force.
     pen.run(&["volume", "rm", "tool"])
         .usage_error(&["tool", "used by", vm, "--force"]);
-    pen.run(&["volume", "rm", "tool", "--force"]).ok();
+    // --force takes it from the stopped VM, which keeps its other volume and starts.
+    let out = pen.run(&["volume", "rm", "tool", "--force"]).ok();
+    assert!(
+        out.stderr
+            .contains("VM(s) vr (/opt/tool) no longer mount volume tool"),
+        "{out}"
+    );
     assert!(!pen.home.join("volumes/tool.sqfs").exists());
-    // The VM now names a volume that is gone: its start says so and changes nothing.
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(pen.vm_dir(vm).join("vm.json")).unwrap()).unwrap();
+    assert_eq!(
+        config["volumes"],
+        serde_json::json!([{"name": "other", "path": "/opt/other"}])
+    );
+    let out = pen
+        .run(&[
+            "exec",
+            vm,
+            "--",
+            "sh",
+            "-c",
+            "cat /opt/other/version; test -e /opt/tool/version || echo no-tool",
+        ])
+        .ok();
+    assert_eq!(out.stdout_str(), "o\nno-tool\n", "{out}");
+    pen.wait_status(vm, "stopped", Duration::from_secs(120));
+
+    // A volume file deleted by hand: the start says which and how to go on, and changes
+    // nothing.
+    std::fs::remove_file(pen.home.join("volumes/other.sqfs")).unwrap();
     pen.run(&["exec", vm, "--", "true"])
-        .usage_error(&["no volume named \"tool\"", "--volume none"]);
+        .usage_error(&["no volume named \"other\"", "--volume none"]);
     // Changing its volumes applies at this start, with a notice.
+    pack_version(&pen, "tool", "three");
     let out = pen
         .run(&[
             "exec",
             vm,
             "--volume",
-            "other:/opt/o2",
+            "tool:/opt/t2",
             "--",
             "sh",
             "-c",
-            "cat /opt/o2/version; test -e /opt/tool/version || echo no-tool",
+            "cat /opt/t2/version; test -e /opt/other/version || echo no-other",
         ])
         .ok();
-    assert_eq!(out.stdout_str(), "o\nno-tool\n", "{out}");
+    assert_eq!(out.stdout_str(), "three\nno-other\n", "{out}");
     assert!(
-        out.stderr.contains(
-            "VM vr's volumes are now other:/opt/o2 (were tool:/opt/tool, other:/opt/other)"
-        ),
+        out.stderr
+            .contains("VM vr's volumes are now tool:/opt/t2 (were other:/opt/other)"),
         "{out}"
     );
 }

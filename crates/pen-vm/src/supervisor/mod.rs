@@ -26,10 +26,13 @@ mod sessions;
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use anyhow::Context;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use serde::{Deserialize, Serialize};
 
 use crate::accel::Accel;
@@ -90,23 +93,107 @@ impl Report {
     }
 }
 
-/// The spawner's end of the progress pipe. Writes are best effort: a spawner that went
-/// away (Ctrl-C during boot) must not stop the VM from booting.
+/// Our end of the progress pipe to the spawner. Writes are best effort: a spawner that
+/// went away must not make the supervisor fail. That it went away before the VM was ready
+/// is news of its own ([`Reporter::gone`]): the `pen` that started the VM was interrupted
+/// (or killed) while waiting for it.
 struct Reporter {
     pipe: Option<File>,
+    /// Set by the watching thread when the spawner's end of the pipe closes.
+    left: Arc<AtomicBool>,
+    /// Fires when `left` is set, to wake the event loop.
+    wake: Option<tokio::sync::oneshot::Receiver<()>>,
+    /// `left` as it was at [`Reporter::close`], which ends the watch.
+    gone_at_close: Option<bool>,
 }
 
 impl Reporter {
+    /// Reports into `pipe`, and watches it from a thread of its own for the spawner's end
+    /// to close (the writer of a pipe sees POLLERR then, with nothing to read or write).
+    fn new(pipe: File) -> Reporter {
+        let left = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        // A duplicate of our end (close-on-exec, like the original), so that the number
+        // the thread polls stays this pipe. It lives as long as this process; only this
+        // process writes the pipe, so no spawner waits for it to close.
+        let flag = left.clone();
+        let watched = pipe.try_clone().ok().and_then(|copy| {
+            std::thread::Builder::new()
+                .name("spawner-watch".into())
+                .spawn(move || loop {
+                    let mut fds = [PollFd::new(copy.as_fd(), PollFlags::empty())];
+                    match poll(&mut fds, PollTimeout::NONE) {
+                        Ok(_) => {
+                            let closed = PollFlags::POLLERR | PollFlags::POLLHUP;
+                            if fds[0].revents().is_some_and(|r| r.intersects(closed)) {
+                                flag.store(true, Ordering::SeqCst);
+                                let _ = tx.send(());
+                                return;
+                            }
+                        }
+                        Err(nix::errno::Errno::EINTR) => {}
+                        Err(_) => return,
+                    }
+                })
+                .ok()
+        });
+        Reporter {
+            pipe: Some(pipe),
+            left,
+            wake: watched.map(|_| rx),
+            gone_at_close: None,
+        }
+    }
+
     fn send(&mut self, report: &Report) {
+        let answer = matches!(report, Report::Ready | Report::Error(_));
+        if answer {
+            // Before the spawner can have read it: once it has, its leaving is no news.
+            self.freeze();
+        }
         if let Some(pipe) = &mut self.pipe {
-            if pipe.write_all(report.to_line().as_bytes()).is_err() {
+            if let Err(e) = pipe.write_all(report.to_line().as_bytes()) {
+                if e.raw_os_error() == Some(libc::EPIPE) {
+                    self.left.store(true, Ordering::SeqCst);
+                    if answer {
+                        self.gone_at_close = Some(true);
+                    }
+                }
                 self.pipe = None;
             }
         }
     }
 
+    /// No more reports: the VM is ready or has failed.
     fn close(&mut self) {
         self.pipe = None;
+        self.wake = None;
+        self.freeze();
+    }
+
+    /// Keeps whether the spawner is gone now as the answer of [`Reporter::gone`] for good.
+    fn freeze(&mut self) {
+        if self.gone_at_close.is_none() {
+            self.gone_at_close = Some(self.left.load(Ordering::SeqCst));
+        }
+    }
+
+    /// Whether the spawner went away before the VM was ready (or failed).
+    fn gone(&self) -> bool {
+        self.gone_at_close
+            .unwrap_or_else(|| self.left.load(Ordering::SeqCst))
+    }
+
+    /// Resolves once the spawner's end of the pipe has closed, or never while it is open or
+    /// once [`Reporter::close`] ended the watch. Cancel-safe.
+    async fn spawner_left(&mut self) {
+        match &mut self.wake {
+            Some(wake) => {
+                let _ = wake.await;
+                self.wake = None;
+            }
+            None => std::future::pending().await,
+        }
     }
 }
 
@@ -140,9 +227,7 @@ pub fn main(home: &PenHome, name: &str) -> anyhow::Result<()> {
     )
     .context("duplicating stdout")?;
     // SAFETY: fcntl just returned this descriptor and nothing else owns it.
-    let mut reporter = Reporter {
-        pipe: Some(File::from(unsafe { OwnedFd::from_raw_fd(report_fd) })),
-    };
+    let mut reporter = Reporter::new(File::from(unsafe { OwnedFd::from_raw_fd(report_fd) }));
 
     // Out of the terminal's session: Ctrl-C in the user's shell must not reach the VM.
     let _ = nix::unistd::setsid();

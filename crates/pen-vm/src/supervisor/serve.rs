@@ -32,8 +32,9 @@ use crate::qmp::Qmp;
 use crate::snapshot::{self, BootFiles, Committed, Identity, Pending};
 use crate::virtiofsd;
 
-/// A VM started by `pen shell`/`pen exec` whose client never shows up (it was killed
-/// during boot) stops after this long.
+/// A VM started by `pen shell`/`pen exec` whose client never shows up (killed between
+/// hearing that the VM is ready and connecting; one killed earlier stops it at once, see
+/// `idle_deadline`) stops after this long.
 const FIRST_CLIENT_GRACE: Duration = Duration::from_secs(15);
 /// How long the guest may take to power off after `Shutdown`. Measured under TCG: 500 MB
 /// written without `sync` just before `pen stop` powers off in 1–2 s (the guest's dirty
@@ -414,11 +415,25 @@ impl Sup<'_> {
                         return end;
                     }
                 }
+                // Only wakes the loop: `abandoned` tells what it means.
+                _ = self.reporter.spawner_left() => {}
                 _ = sigterm.recv() => return End::Shutdown { force: false },
                 _ = sigint.recv() => return End::Shutdown { force: false },
                 _ = sleep_until(idle.unwrap_or(boot_deadline).into()), if idle.is_some() => {
-                    eprintln!("supervisor: no sessions left; stopping");
-                    return End::Shutdown { force: false };
+                    // What is queued already (a client's Hello) may change the verdict.
+                    while let Ok(event) = events.try_recv() {
+                        if let Some(end) = self.handle(event) {
+                            return end;
+                        }
+                    }
+                    if self.abandoned() {
+                        eprintln!("supervisor: the pen that started the VM went away before it was ready, and no other client waits; stopping");
+                        return End::Shutdown { force: false };
+                    }
+                    if self.idle_deadline().is_some_and(|at| at <= Instant::now()) {
+                        eprintln!("supervisor: no sessions left; stopping");
+                        return End::Shutdown { force: false };
+                    }
                 }
                 _ = sleep_until(boot_deadline.into()), if booting => {
                     return End::BootFailed(format!(
@@ -431,6 +446,9 @@ impl Sup<'_> {
     }
 
     fn idle_deadline(&self) -> Option<Instant> {
+        if self.abandoned() {
+            return Some(Instant::now());
+        }
         if self.phase != Phase::Ready || self.keep_running || !self.clients.is_empty() {
             return None;
         }
@@ -439,6 +457,18 @@ impl Sup<'_> {
         } else {
             self.idle_since + FIRST_CLIENT_GRACE
         })
+    }
+
+    /// The `pen` that started the VM went away (interrupted) before the VM was ready, and
+    /// no other client waits for it or has used it: booting on, or keeping it for a first
+    /// client, would be for nobody.
+    fn abandoned(&self) -> bool {
+        let unused = match self.phase {
+            Phase::Booting => !self.clients.values().any(|c| c.waiting),
+            Phase::Ready => !self.had_client && self.clients.is_empty(),
+            Phase::Stopping => false,
+        };
+        unused && self.reporter.gone()
     }
 
     fn handle(&mut self, event: Event) -> Option<End> {
