@@ -2,7 +2,7 @@
 //! shut down. One event loop owns all state; the tasks around it only move frames.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -20,7 +20,7 @@ use tokio::time::sleep_until;
 use super::boot;
 use super::children::{self, Spawned};
 use super::config::guest_config;
-use super::machine::Stage1;
+use super::machine::{Handles, Stage1};
 use super::outbox::Outbox;
 use super::overlay::prepare_overlay;
 use super::router::{ClientId, FromGuest, Router};
@@ -28,9 +28,10 @@ use super::sessions::{accept_loop, read_guest, write_frames, Client};
 use super::{Params, Report, Reporter};
 use crate::accel::Accel;
 use crate::qemu::{self, QemuSpec};
-use crate::qmp::Qmp;
+use crate::qmp::QmpEvent;
 use crate::snapshot::{self, BootFiles, Committed, Identity, Pending};
 use crate::virtiofsd;
+use pen_core::notes::{DiskFull, Notes, NotesFile};
 
 /// A VM started by `pen shell`/`pen exec` whose client never shows up (it was killed
 /// during boot) stops after this long.
@@ -55,6 +56,8 @@ pub(super) enum Event {
     ClientFrame(ClientId, Frame),
     ClientBad(ClientId, String),
     ClientGone(ClientId),
+    /// QEMU's monitor said something ([`crate::qmp`]; floods are thinned there).
+    Qmp(QmpEvent),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,7 +90,9 @@ pub(super) struct Sup<'r> {
     pub(super) idle_since: Instant,
     pub(super) accept_task: Option<JoinHandle<()>>,
     pub(super) boot_timeout: Duration,
-    /// QEMU's monitor and guest RAM, until the stage-1 point is passed.
+    /// QEMU's monitor and guest RAM, for the VM's whole life.
+    pub(super) handles: Handles,
+    /// What stage 1 still has to do (devices, resume), until the stage-1 point is passed.
     pub(super) stage1: Option<Stage1>,
     /// The guest waits for its configuration: save (maybe), attach devices, configure.
     pub(super) stage1_due: bool,
@@ -98,6 +103,9 @@ pub(super) struct Sup<'r> {
     pub(super) virtiofsd: Option<Spawned>,
     /// The VM's volumes, slot by slot, for its configuration.
     pub(super) volumes: Vec<GuestVolume>,
+    /// What `pen list` shows about this VM; `None` when the file could not be made.
+    pub(super) notes_file: Option<NotesFile>,
+    pub(super) notes: Notes,
 }
 
 pub(super) async fn run(
@@ -169,6 +177,9 @@ pub(super) async fn run(
     }
     paths.remove_sockets();
     paths.ensure_runtime()?;
+    let notes_file = NotesFile::create(&paths.notes())
+        .map_err(|e| eprintln!("supervisor: no notes file for `pen list`: {e}"))
+        .ok();
 
     // Before QEMU, which connects to it at startup; a published port in use ends here.
     let _network = super::network::start(&paths, &vm.network).await?;
@@ -229,6 +240,17 @@ pub(super) async fn run(
     let (agent_tx, agent_rx) = unbounded_channel();
     tokio::spawn(write_frames(booted.agent_write, agent_rx));
     tokio::spawn(read_guest(booted.agent_read, events_tx.clone()));
+    let handles = booted.machine.stage1.handles.clone();
+    if let Some(mut qmp_events) = handles.qmp.take_events() {
+        let events_tx = events_tx.clone();
+        tokio::spawn(async move {
+            while let Some(event) = qmp_events.recv().await {
+                if events_tx.send(Event::Qmp(event)).is_err() {
+                    return;
+                }
+            }
+        });
+    }
     drop(events_tx);
 
     let mut sup = Sup {
@@ -246,8 +268,8 @@ pub(super) async fn run(
         idle_since: Instant::now(),
         accept_task: Some(accept_task),
         boot_timeout: Duration::ZERO,
-        // A restored guest is past stage 1 already; dropping `stage1` closes the monitor
-        // connection and our handle on guest RAM.
+        handles,
+        // A restored guest is past stage 1 already.
         stage1: (!booted.restored).then_some(booted.machine.stage1),
         stage1_due: false,
         save: booted.save,
@@ -255,6 +277,8 @@ pub(super) async fn run(
         saver: None,
         virtiofsd: virtiofsd.take(),
         volumes: guest_volumes,
+        notes_file,
+        notes: Notes::default(),
     };
     sup.keep_running = sup.params.keep_running;
     if !booted.restored {
@@ -474,8 +498,63 @@ impl Sup<'_> {
                 self.drop_client(id);
             }
             Event::ClientGone(id) => self.drop_client(id),
+            Event::Qmp(event) => self.on_qmp(event),
         }
         None
+    }
+
+    fn on_qmp(&mut self, event: QmpEvent) {
+        match event {
+            QmpEvent::BlockIoError(e) if e.nospace => {
+                eprintln!(
+                    "supervisor: the host disk is full: QEMU's {} on {} failed: {}",
+                    e.operation, e.device, e.reason
+                );
+                self.on_host_disk_full();
+            }
+            QmpEvent::BlockIoError(e) => eprintln!(
+                "supervisor: host I/O error: QEMU's {} on {} failed ({}): {}",
+                e.operation, e.device, e.action, e.reason
+            ),
+            QmpEvent::Shutdown { guest, reason } => {
+                eprintln!("supervisor: QEMU shutting down (guest: {guest}, {reason})")
+            }
+            QmpEvent::Stop | QmpEvent::Resume | QmpEvent::Other(_) => {}
+        }
+    }
+
+    /// The host file system holding the overlay disk is full: the guest's writes fail
+    /// (`werror=report`). Said once per run, in `pen list` and to every client; a client
+    /// that connects later hears it when it says Hello.
+    fn on_host_disk_full(&mut self) {
+        if self.notes.host_disk_full.is_some() {
+            return;
+        }
+        let since = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        self.notes.host_disk_full = Some(DiskFull {
+            since,
+            disk: self.paths.overlay().display().to_string(),
+        });
+        if let Some(file) = &self.notes_file {
+            if let Err(e) = file.write(&self.notes) {
+                eprintln!("supervisor: writing the notes for `pen list`: {e}");
+            }
+        }
+        let ids: Vec<ClientId> = self.clients.keys().copied().collect();
+        for id in ids {
+            self.send_notes(id);
+        }
+    }
+
+    /// Tells a client what this VM's notes say (as `Log` lines, which a session prints on
+    /// its stderr).
+    pub(super) fn send_notes(&mut self, id: ClientId) {
+        for text in self.notes.lines(&self.name) {
+            self.send_client(id, Frame::control(Message::Log { text }));
+        }
     }
 
     fn on_guest(&mut self, frame: Frame) -> Option<End> {
@@ -603,7 +682,7 @@ impl Sup<'_> {
         }
         stage1.attach().await?;
         stage1.resume().await?;
-        // Dropping `stage1` closes the monitor connection and pen's handle on guest RAM.
+        // The monitor and guest RAM stay in `self.handles`.
         drop(stage1);
         eprintln!(
             "supervisor: sending configuration (+{} ms)",
@@ -658,11 +737,10 @@ impl Sup<'_> {
             return;
         }
         eprintln!("supervisor: guest did not power off in {grace:?}; QMP quit");
-        // Before the stage-1 point our monitor connection is open, and QEMU takes one at a
-        // time: quit through it.
-        let held = self.stage1.take().map(|s| s.qmp);
-        if let Err(e) = qmp_quit(&self.paths.qmp_socket(), held).await {
-            eprintln!("supervisor: QMP quit: {e:#}");
+        match tokio::time::timeout(Duration::from_secs(3), self.handles.qmp.quit()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => eprintln!("supervisor: QMP quit: {e}"),
+            Err(_) => eprintln!("supervisor: QMP quit timed out"),
         }
         if self.wait_qemu(qemu, events, Duration::from_secs(3)).await {
             return;
@@ -748,22 +826,6 @@ fn boot_failure(name: &str, paths: &VmPaths, reason: &str, qemu_stderr: Option<&
         msg.push_str(tail.trim_end());
     }
     msg
-}
-
-/// QEMU's `quit` over QMP, on `held` when we have a connection open.
-async fn qmp_quit(path: &Path, held: Option<Qmp>) -> anyhow::Result<()> {
-    let attempt = async {
-        let mut qmp = match held {
-            Some(qmp) => qmp,
-            None => Qmp::connect(path).await?,
-        };
-        // QEMU may close the socket before it answers; the exit is what counts.
-        let _ = qmp.execute("quit", serde_json::json!({})).await;
-        anyhow::Ok(())
-    };
-    tokio::time::timeout(Duration::from_secs(3), attempt)
-        .await
-        .context("QMP timed out")?
 }
 
 #[cfg(test)]

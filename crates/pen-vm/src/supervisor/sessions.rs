@@ -57,7 +57,10 @@ impl Sup<'_> {
                     }),
                 );
                 match phase {
-                    Phase::Ready => self.send_client(id, Frame::control(Message::Ready)),
+                    Phase::Ready => {
+                        self.send_client(id, Frame::control(Message::Ready));
+                        self.send_notes(id);
+                    }
                     Phase::Stopping => {
                         self.send_client(id, Frame::control(Message::Shutdown { force: false }))
                     }
