@@ -121,6 +121,18 @@ pub struct BlockIoError {
     pub reason: String,
 }
 
+impl BlockIoError {
+    /// The host file system is full (or the user's quota spent). QEMU sets `nospace` only
+    /// for drives whose error policy stops the VM (`blk_iostatus_is_enabled`); with pen's
+    /// `werror=report` the host's error text is what tells (QEMU's messages are not
+    /// translated: it never sets `LC_MESSAGES`).
+    pub fn host_disk_full(&self) -> bool {
+        self.nospace
+            || self.reason == "No space left on device"
+            || self.reason == "Disk quota exceeded"
+    }
+}
+
 /// `query-status`: whether the guest's CPUs run, and QEMU's name for its state
 /// (`running`, `paused`, `inmigrate`, `postmigrate`, `io-error`, `shutdown`, ...).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -715,6 +727,17 @@ mod tests {
                 reason: "guest-shutdown".into()
             })
         );
+        // As QEMU 7.2 sent it for pen's overlay disk (werror=report) on a full tmpfs: no
+        // `nospace` key; the reason tells.
+        match parse_line(
+            r##"{"timestamp": {"seconds": 1764901711, "microseconds": 5}, "event": "BLOCK_IO_ERROR", "data": {"device": "pen-overlay", "node-name": "#block334", "reason": "No space left on device", "operation": "write", "action": "report"}}"##,
+        ) {
+            Incoming::Event(QmpEvent::BlockIoError(e)) => {
+                assert!(!e.nospace);
+                assert!(e.host_disk_full());
+            }
+            other => panic!("{other:?}"),
+        }
         assert_eq!(
             parse_line(r#"{"event": "RESUME"}"#),
             Incoming::Event(QmpEvent::Resume)

@@ -16,6 +16,8 @@ mod boot;
 mod children;
 mod config;
 mod console;
+mod guest_queue;
+mod host_space;
 mod machine;
 mod network;
 mod outbox;

@@ -13,13 +13,15 @@ use pen_proto::{
 };
 use tokio::net::UnixListener;
 use tokio::process::Child;
-use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+use tokio::sync::mpsc::{channel, Receiver};
 use tokio::task::JoinHandle;
 use tokio::time::sleep_until;
 
 use super::boot;
 use super::children::{self, Spawned};
 use super::config::guest_config;
+use super::guest_queue::GuestQueue;
+use super::host_space;
 use super::machine::{Handles, Stage1};
 use super::outbox::Outbox;
 use super::overlay::prepare_overlay;
@@ -47,6 +49,10 @@ const POWEROFF_SYNC_LIMIT: Duration = Duration::from_secs(120);
 const SYNC_QUIET: Duration = Duration::from_secs(2);
 const FORCED_POWEROFF_GRACE: Duration = Duration::from_secs(3);
 const CONSOLE_TAIL_LINES: usize = 20;
+/// How often the host's free space under the overlay disk is looked at ([`host_space`]).
+const HOST_SPACE_EVERY: Duration = Duration::from_secs(1);
+/// Events waiting for the loop, from all readers together.
+const EVENT_QUEUE: usize = 256;
 
 pub(super) enum Event {
     Guest(Frame),
@@ -79,7 +85,8 @@ pub(super) struct Sup<'r> {
     pub(super) paths: VmPaths,
     pub(super) params: Params,
     pub(super) reporter: &'r mut Reporter,
-    pub(super) agent_tx: UnboundedSender<Frame>,
+    /// Frames for the guest link's writer ([`GuestQueue`]: Resize and Signal coalesce).
+    pub(super) agent_tx: GuestQueue,
     pub(super) clients: HashMap<ClientId, Client>,
     pub(super) router: Router,
     pub(super) phase: Phase,
@@ -106,6 +113,9 @@ pub(super) struct Sup<'r> {
     /// What `pen list` shows about this VM; `None` when the file could not be made.
     pub(super) notes_file: Option<NotesFile>,
     pub(super) notes: Notes,
+    /// The overlay disk's size, and the host's free space last told the guest.
+    pub(super) disk_size: u64,
+    pub(super) host_space_sent: Option<u64>,
 }
 
 pub(super) async fn run(
@@ -184,7 +194,11 @@ pub(super) async fn run(
     // Before QEMU, which connects to it at startup; a published port in use ends here.
     let _network = super::network::start(&paths, &vm.network).await?;
 
-    let (events_tx, mut events) = unbounded_channel();
+    // Bounded: the tasks that read clients and the guest wait here rather than read on, so a
+    // peer sending tiny frames faster than this loop handles them fills its own socket, not
+    // the supervisor's memory (on one thread, a reader decodes a whole buffer of frames for
+    // each event the loop takes).
+    let (events_tx, mut events) = channel(EVENT_QUEUE);
     // Bound before boot so that a second `pen` racing to start this VM can attach and wait
     // for Ready here instead of polling.
     let listener = UnixListener::bind(paths.supervisor_socket())
@@ -237,15 +251,15 @@ pub(super) async fn run(
     eprintln!("supervisor: agent link up (+{} ms)", super::since_start());
     let mut qemu = booted.machine.qemu;
 
-    let (agent_tx, agent_rx) = unbounded_channel();
-    tokio::spawn(write_frames(booted.agent_write, agent_rx));
+    let agent_tx = GuestQueue::new();
+    tokio::spawn(write_frames(booted.agent_write, agent_tx.clone()));
     tokio::spawn(read_guest(booted.agent_read, events_tx.clone()));
     let handles = booted.machine.stage1.handles.clone();
     if let Some(mut qmp_events) = handles.qmp.take_events() {
         let events_tx = events_tx.clone();
         tokio::spawn(async move {
             while let Some(event) = qmp_events.recv().await {
-                if events_tx.send(Event::Qmp(event)).is_err() {
+                if events_tx.send(Event::Qmp(event)).await.is_err() {
                     return;
                 }
             }
@@ -279,6 +293,8 @@ pub(super) async fn run(
         volumes: guest_volumes,
         notes_file,
         notes: Notes::default(),
+        disk_size: vm.disk_size,
+        host_space_sent: None,
     };
     sup.keep_running = sup.params.keep_running;
     if !booted.restored {
@@ -340,6 +356,7 @@ pub(super) async fn run(
     };
 
     sup.disconnect_all().await;
+    sup.agent_tx.close();
     if let Some(virtiofsd) = &mut sup.virtiofsd {
         children::terminate(&mut virtiofsd.child, Duration::from_secs(1)).await;
         // Its serving process may outlive it briefly; the next start of this VM must not
@@ -407,13 +424,15 @@ impl Sup<'_> {
     async fn event_loop(
         &mut self,
         qemu: &mut Child,
-        events: &mut UnboundedReceiver<Event>,
+        events: &mut Receiver<Event>,
         boot_deadline: Instant,
     ) -> End {
         let mut sigterm = signal(tokio::signal::unix::SignalKind::terminate());
         let mut sigint = signal(tokio::signal::unix::SignalKind::interrupt());
         // A supervisor has no terminal; a stray SIGHUP must not kill the VM.
         let _sighup = signal(tokio::signal::unix::SignalKind::hangup());
+        let mut host_space = tokio::time::interval(HOST_SPACE_EVERY);
+        host_space.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         loop {
             if self.stage1_due {
                 self.stage1_due = false;
@@ -438,6 +457,7 @@ impl Sup<'_> {
                         return end;
                     }
                 }
+                _ = host_space.tick(), if self.phase == Phase::Ready => self.tell_host_space(),
                 _ = sigterm.recv() => return End::Shutdown { force: false },
                 _ = sigint.recv() => return End::Shutdown { force: false },
                 _ = sleep_until(idle.unwrap_or(boot_deadline).into()), if idle.is_some() => {
@@ -503,9 +523,37 @@ impl Sup<'_> {
         None
     }
 
+    /// Tells the guest the host's free space when it could fill before the guest's disk
+    /// does ([`host_space`]).
+    fn tell_host_space(&mut self) {
+        let look = match host_space::look(&self.paths.overlay(), self.disk_size) {
+            Ok(look) => look,
+            Err(e) => {
+                eprintln!("supervisor: looking at the host's free space: {e}");
+                return;
+            }
+        };
+        if let Some(free) = host_space::decide(look, self.host_space_sent) {
+            if free == u64::MAX {
+                eprintln!("supervisor: the host has room for the VM's disk again");
+                self.host_space_sent = None;
+            } else {
+                if self.host_space_sent.is_none() {
+                    eprintln!(
+                        "supervisor: the host has {} MiB free, less than the VM's disk could still take ({} MiB): the guest keeps within it",
+                        free >> 20,
+                        look.headroom >> 20
+                    );
+                }
+                self.host_space_sent = Some(free);
+            }
+            self.send_guest(Frame::control(Message::HostSpace { free }));
+        }
+    }
+
     fn on_qmp(&mut self, event: QmpEvent) {
         match event {
-            QmpEvent::BlockIoError(e) if e.nospace => {
+            QmpEvent::BlockIoError(e) if e.host_disk_full() => {
                 eprintln!(
                     "supervisor: the host disk is full: QEMU's {} on {} failed: {}",
                     e.operation, e.device, e.reason
@@ -699,16 +747,11 @@ impl Sup<'_> {
     }
 
     pub(super) fn send_guest(&self, frame: Frame) {
-        let _ = self.agent_tx.send(frame);
+        self.agent_tx.push(frame);
     }
 
     /// Powers the VM off: guest `Shutdown`, then QMP `quit`, then SIGKILL.
-    async fn stop(
-        &mut self,
-        qemu: &mut Spawned,
-        events: &mut UnboundedReceiver<Event>,
-        force: bool,
-    ) {
+    async fn stop(&mut self, qemu: &mut Spawned, events: &mut Receiver<Event>, force: bool) {
         let was = self.phase;
         self.phase = Phase::Stopping;
         if let Some(task) = self.accept_task.take() {
@@ -755,7 +798,7 @@ impl Sup<'_> {
     async fn wait_while_syncing(
         &mut self,
         qemu: &mut Spawned,
-        events: &mut UnboundedReceiver<Event>,
+        events: &mut Receiver<Event>,
     ) -> bool {
         let overlay = self.paths.overlay();
         let mtime = || std::fs::metadata(&overlay).and_then(|m| m.modified()).ok();
@@ -780,7 +823,7 @@ impl Sup<'_> {
     async fn wait_qemu(
         &mut self,
         qemu: &mut Spawned,
-        events: &mut UnboundedReceiver<Event>,
+        events: &mut Receiver<Event>,
         limit: Duration,
     ) -> bool {
         let deadline = tokio::time::Instant::now() + limit;

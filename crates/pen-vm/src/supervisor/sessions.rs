@@ -9,10 +9,11 @@ use futures::{SinkExt, StreamExt};
 use pen_proto::{Frame, FrameCodec, Message, CLIENT_SESSION, CONTROL, PROTOCOL_VERSION};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixListener;
-use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
+use tokio::sync::mpsc::Sender;
 use tokio::task::JoinHandle;
 use tokio_util::codec::{FramedRead, FramedWrite};
 
+use super::guest_queue::GuestQueue;
 use super::outbox::{Full, Outbox, MAX_QUEUED};
 use super::router::ClientId;
 use super::serve::{End, Event, Phase, Sup};
@@ -160,7 +161,7 @@ impl Sup<'_> {
             let tx = self.agent_tx.clone();
             tokio::spawn(async move {
                 tokio::time::sleep(HANGUP_GRACE).await;
-                let _ = tx.send(Frame::new(guest_id, Message::Signal(libc::SIGKILL)));
+                tx.push(Frame::new(guest_id, Message::Signal(libc::SIGKILL)));
             });
         }
         if self.clients.is_empty() {
@@ -201,7 +202,7 @@ impl Sup<'_> {
     }
 }
 
-pub(super) async fn accept_loop(listener: UnixListener, events: UnboundedSender<Event>) {
+pub(super) async fn accept_loop(listener: UnixListener, events: Sender<Event>) {
     let mut next_id: ClientId = 1;
     loop {
         let stream = match listener.accept().await {
@@ -219,6 +220,7 @@ pub(super) async fn accept_loop(listener: UnixListener, events: UnboundedSender<
         let writer = tokio::spawn(write_outbox(w, outbox.clone()));
         if events
             .send(Event::ClientConnected(id, outbox, writer))
+            .await
             .is_err()
         {
             return;
@@ -227,14 +229,11 @@ pub(super) async fn accept_loop(listener: UnixListener, events: UnboundedSender<
     }
 }
 
-pub(super) async fn write_frames(w: OwnedWriteHalf, mut rx: UnboundedReceiver<Frame>) {
+/// The guest link's writer: everything queued in one flush.
+pub(super) async fn write_frames(w: OwnedWriteHalf, queue: GuestQueue) {
     let mut sink = FramedWrite::new(w, FrameCodec::new());
-    while let Some(frame) = rx.recv().await {
-        if sink.feed(frame).await.is_err() {
-            return;
-        }
-        // Batch what is already queued into one flush.
-        while let Ok(frame) = rx.try_recv() {
+    while let Some(frames) = queue.take().await {
+        for frame in frames {
             if sink.feed(frame).await.is_err() {
                 return;
             }
@@ -260,7 +259,7 @@ async fn write_outbox(w: OwnedWriteHalf, outbox: Outbox) {
     }
 }
 
-async fn read_client(id: ClientId, r: OwnedReadHalf, events: UnboundedSender<Event>) {
+async fn read_client(id: ClientId, r: OwnedReadHalf, events: Sender<Event>) {
     let mut stream = FramedRead::new(r, FrameCodec::new());
     while let Some(item) = stream.next().await {
         let event = match item {
@@ -268,16 +267,16 @@ async fn read_client(id: ClientId, r: OwnedReadHalf, events: UnboundedSender<Eve
             Ok(Err(bad)) => Event::ClientBad(id, bad.to_string()),
             Err(_) => break,
         };
-        if events.send(event).is_err() {
+        if events.send(event).await.is_err() {
             return;
         }
     }
-    let _ = events.send(Event::ClientGone(id));
+    let _ = events.send(Event::ClientGone(id)).await;
 }
 
 pub(super) async fn read_guest(
     mut stream: FramedRead<OwnedReadHalf, FrameCodec>,
-    events: UnboundedSender<Event>,
+    events: Sender<Event>,
 ) {
     while let Some(item) = stream.next().await {
         let event = match item {
@@ -288,9 +287,9 @@ pub(super) async fn read_guest(
                 break;
             }
         };
-        if events.send(event).is_err() {
+        if events.send(event).await.is_err() {
             return;
         }
     }
-    let _ = events.send(Event::GuestClosed);
+    let _ = events.send(Event::GuestClosed).await;
 }
