@@ -16,6 +16,7 @@ mod boot;
 mod children;
 mod config;
 mod console;
+mod event;
 mod guest_queue;
 mod host_space;
 mod machine;

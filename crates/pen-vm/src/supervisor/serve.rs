@@ -1,16 +1,13 @@
 //! The supervisor's life: start virtiofsd and QEMU, do the guest handshake, serve clients,
 //! shut down. One event loop owns all state; the tasks around it only move frames.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use pen_core::paths::VmPaths;
 use pen_core::vm::VmConfig;
-use pen_proto::{
-    BootMode, Frame, GuestConfig, GuestVolume, Message, CLIENT_SESSION, CONTROL, PROTOCOL_VERSION,
-};
+use pen_proto::{BootMode, Frame, GuestConfig, GuestVolume, Message, CONTROL, PROTOCOL_VERSION};
 use tokio::net::UnixListener;
 use tokio::process::Child;
 use tokio::sync::mpsc::{channel, Receiver};
@@ -20,13 +17,12 @@ use tokio::time::sleep_until;
 use super::boot;
 use super::children::{self, Spawned};
 use super::config::guest_config;
+use super::event::{Event, Phase};
 use super::guest_queue::GuestQueue;
 use super::host_space;
 use super::machine::{Handles, Stage1};
-use super::outbox::Outbox;
 use super::overlay::prepare_overlay;
-use super::router::{ClientId, FromGuest, Router};
-use super::sessions::{accept_loop, read_guest, write_frames, Client};
+use super::sessions::{accept_loop, read_guest, write_frames, Request, Sessions};
 use super::{Params, Report, Reporter};
 use crate::accel::Accel;
 use crate::qemu::{self, QemuSpec};
@@ -54,25 +50,6 @@ const HOST_SPACE_EVERY: Duration = Duration::from_secs(1);
 /// Events waiting for the loop, from all readers together.
 const EVENT_QUEUE: usize = 256;
 
-pub(super) enum Event {
-    Guest(Frame),
-    GuestBad(String),
-    GuestClosed,
-    ClientConnected(ClientId, Outbox, JoinHandle<()>),
-    ClientFrame(ClientId, Frame),
-    ClientBad(ClientId, String),
-    ClientGone(ClientId),
-    /// QEMU's monitor said something ([`crate::qmp`]; floods are thinned there).
-    Qmp(QmpEvent),
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Phase {
-    Booting,
-    Ready,
-    Stopping,
-}
-
 /// Why the event loop ended.
 pub(super) enum End {
     Shutdown { force: bool },
@@ -85,16 +62,11 @@ pub(super) struct Sup<'r> {
     pub(super) paths: VmPaths,
     pub(super) params: Params,
     pub(super) reporter: &'r mut Reporter,
-    /// Frames for the guest link's writer ([`GuestQueue`]: Resize and Signal coalesce).
-    pub(super) agent_tx: GuestQueue,
-    pub(super) clients: HashMap<ClientId, Client>,
-    pub(super) router: Router,
+    /// Clients, their sessions and the guest link they share.
+    pub(super) sessions: Sessions,
     pub(super) phase: Phase,
     pub(super) config_sent: bool,
     pub(super) keep_running: bool,
-    /// A client connected after the VM became ready: from then on, no clients = stop.
-    pub(super) had_client: bool,
-    pub(super) idle_since: Instant,
     pub(super) accept_task: Option<JoinHandle<()>>,
     pub(super) boot_timeout: Duration,
     /// QEMU's monitor and guest RAM, for the VM's whole life.
@@ -272,14 +244,10 @@ pub(super) async fn run(
         paths: paths.clone(),
         params,
         reporter,
-        agent_tx,
-        clients: HashMap::new(),
-        router: Router::default(),
+        sessions: Sessions::new(&name, agent_tx),
         phase: Phase::Booting,
         config_sent: booted.restored,
         keep_running: false,
-        had_client: false,
-        idle_since: Instant::now(),
         accept_task: Some(accept_task),
         boot_timeout: Duration::ZERO,
         handles,
@@ -337,12 +305,7 @@ pub(super) async fn run(
                 Err(anyhow::anyhow!(msg))
             } else {
                 let msg = format!("VM {name} stopped unexpectedly (QEMU exited: {status})");
-                for client in sup.router.drain() {
-                    sup.send_client(
-                        client,
-                        Frame::new(CLIENT_SESSION, Message::Error(msg.clone())),
-                    );
-                }
+                sup.sessions.sessions_lost(&msg);
                 Ok(())
             }
         }
@@ -355,8 +318,8 @@ pub(super) async fn run(
         }
     };
 
-    sup.disconnect_all().await;
-    sup.agent_tx.close();
+    sup.sessions.disconnect_all().await;
+    sup.sessions.close_guest();
     if let Some(virtiofsd) = &mut sup.virtiofsd {
         children::terminate(&mut virtiofsd.child, Duration::from_secs(1)).await;
         // Its serving process may outlive it briefly; the next start of this VM must not
@@ -475,14 +438,16 @@ impl Sup<'_> {
     }
 
     fn idle_deadline(&self) -> Option<Instant> {
-        if self.phase != Phase::Ready || self.keep_running || !self.clients.is_empty() {
+        if self.phase != Phase::Ready || self.keep_running {
             return None;
         }
-        Some(if self.had_client {
-            self.idle_since
-        } else {
-            self.idle_since + FIRST_CLIENT_GRACE
-        })
+        self.sessions.idle_deadline(FIRST_CLIENT_GRACE)
+    }
+
+    /// Moves the VM to `next`, as [`Phase::can_become`] allows.
+    fn become_(&mut self, next: Phase) {
+        debug_assert!(self.phase.can_become(next), "{:?} -> {next:?}", self.phase);
+        self.phase = next;
     }
 
     fn handle(&mut self, event: Event) -> Option<End> {
@@ -493,31 +458,20 @@ impl Sup<'_> {
             }
             Event::GuestClosed => eprintln!("supervisor: agent link closed"),
             Event::ClientConnected(id, outbox, writer) => {
-                if self.phase == Phase::Ready {
-                    self.had_client = true;
+                self.sessions.connected(id, outbox, writer, self.phase)
+            }
+            Event::ClientFrame(id, frame) => {
+                let notes = self.notes.lines(&self.name);
+                match self.sessions.on_client(id, frame, self.phase, &notes)? {
+                    Request::Shutdown { force } => return Some(End::Shutdown { force }),
+                    Request::KeepRunning => {
+                        eprintln!("supervisor: keeping the VM running");
+                        self.keep_running = true;
+                    }
                 }
-                self.clients.insert(
-                    id,
-                    Client {
-                        outbox,
-                        writer,
-                        hello: false,
-                        waiting: false,
-                    },
-                );
             }
-            Event::ClientFrame(id, frame) => return self.on_client(id, frame),
-            Event::ClientBad(id, reason) => {
-                self.send_client(
-                    id,
-                    Frame::new(
-                        CLIENT_SESSION,
-                        Message::Error(format!("malformed frame: {reason}")),
-                    ),
-                );
-                self.drop_client(id);
-            }
-            Event::ClientGone(id) => self.drop_client(id),
+            Event::ClientBad(id, reason) => self.sessions.malformed(id, &reason),
+            Event::ClientGone(id) => self.sessions.drop_client(id),
             Event::Qmp(event) => self.on_qmp(event),
         }
         None
@@ -591,47 +545,15 @@ impl Sup<'_> {
                 eprintln!("supervisor: writing the notes for `pen list`: {e}");
             }
         }
-        let ids: Vec<ClientId> = self.clients.keys().copied().collect();
-        for id in ids {
-            self.send_notes(id);
-        }
-    }
-
-    /// Tells a client what this VM's notes say (as `Log` lines, which a session prints on
-    /// its stderr).
-    pub(super) fn send_notes(&mut self, id: ClientId) {
+        // Every client prints it on stderr; one that greets later hears it then.
         for text in self.notes.lines(&self.name) {
-            self.send_client(id, Frame::control(Message::Log { text }));
+            self.sessions.log(&text, false);
         }
     }
 
     fn on_guest(&mut self, frame: Frame) -> Option<End> {
         if frame.session != CONTROL {
-            // Never waits: a client's queue is bounded by its session's window, which the
-            // router enforces, and by its outbox, so a stalled client stalls only its own
-            // guest process.
-            match self.router.route_from_guest(frame) {
-                FromGuest::Client(client, frame) => self.send_client(client, frame),
-                FromGuest::Guest(frame) => self.send_guest(frame),
-                FromGuest::Broken {
-                    client,
-                    session,
-                    error,
-                } => {
-                    eprintln!("supervisor: guest session {session} broke the protocol: {error}");
-                    self.send_guest(Frame::new(session, Message::Signal(libc::SIGKILL)));
-                    self.send_client(
-                        client,
-                        Frame::new(
-                            CLIENT_SESSION,
-                            Message::Error(format!(
-                                "the guest broke the session's protocol: {error}"
-                            )),
-                        ),
-                    );
-                }
-                FromGuest::Drop => {}
-            }
+            self.sessions.on_guest(frame);
             return None;
         }
         match frame.message {
@@ -652,37 +574,14 @@ impl Sup<'_> {
             Message::Log { text } => {
                 // Not written to the supervisor log: setup output may echo env values.
                 self.reporter.send(&Report::Log(text.clone()));
-                let waiting: Vec<ClientId> = self
-                    .clients
-                    .iter()
-                    .filter(|(_, c)| c.waiting)
-                    .map(|(&id, _)| id)
-                    .collect();
-                for id in waiting {
-                    self.send_client(id, Frame::control(Message::Log { text: text.clone() }));
-                }
+                self.sessions.log(&text, true);
             }
             Message::Ready => {
                 eprintln!("supervisor: VM ready (+{} ms)", super::since_start());
-                self.phase = Phase::Ready;
-                self.idle_since = Instant::now();
+                self.become_(Phase::Ready);
                 self.reporter.send(&Report::Ready);
                 self.reporter.close();
-                let waiting: Vec<ClientId> = self
-                    .clients
-                    .iter_mut()
-                    .filter(|(_, c)| c.waiting)
-                    .map(|(&id, c)| {
-                        c.waiting = false;
-                        id
-                    })
-                    .collect();
-                if !waiting.is_empty() {
-                    self.had_client = true;
-                }
-                for id in waiting {
-                    self.send_client(id, Frame::control(Message::Ready));
-                }
+                self.sessions.ready();
             }
             Message::BootFailed { stage, message } => {
                 return Some(End::BootFailed(format!("{stage}: {message}")));
@@ -747,21 +646,25 @@ impl Sup<'_> {
     }
 
     pub(super) fn send_guest(&self, frame: Frame) {
-        self.agent_tx.push(frame);
+        self.sessions.send_guest(frame);
+    }
+
+    /// Tells the spawner and every waiting client that the boot failed.
+    fn fail_waiters(&mut self, msg: &str) {
+        self.reporter.send(&Report::Error(msg.to_string()));
+        self.reporter.close();
+        self.sessions.fail_all(msg);
     }
 
     /// Powers the VM off: guest `Shutdown`, then QMP `quit`, then SIGKILL.
     async fn stop(&mut self, qemu: &mut Spawned, events: &mut Receiver<Event>, force: bool) {
         let was = self.phase;
-        self.phase = Phase::Stopping;
+        self.become_(Phase::Stopping);
         if let Some(task) = self.accept_task.take() {
             task.abort();
         }
         let _ = std::fs::remove_file(self.paths.supervisor_socket());
-        let ids: Vec<ClientId> = self.clients.keys().copied().collect();
-        for id in ids {
-            self.send_client(id, Frame::control(Message::Shutdown { force }));
-        }
+        self.sessions.stopping(force);
         let grace = if was == Phase::Booting && !self.config_sent {
             // No agent to ask yet; nothing of the VM's has been written.
             Duration::ZERO
