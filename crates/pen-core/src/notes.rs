@@ -32,6 +32,10 @@ pub struct DiskFull {
     pub since: u64,
     /// The VM's disk file, on the file system that is full.
     pub disk: String,
+    /// The guest got I/O errors (the host filled up faster than the guest could be told):
+    /// its file system needs a restart, and the note stays until then.
+    #[serde(default)]
+    pub io_errors: bool,
 }
 
 impl Notes {
@@ -57,7 +61,7 @@ pub fn disk_full_message(name: &str, disk: &str) -> String {
         .map(|p| p.display().to_string())
         .unwrap_or_else(|| disk.to_string());
     format!(
-        "pen: the host file system holding VM {name}'s disk ({dir}) is full: the guest's writes to its disk fail with I/O errors. Free space on the host (df {dir}), then restart the VM (`pen stop {name}`); its disk is checked at the next start"
+        "pen: the host file system holding VM {name}'s disk ({dir}) is full: the guest's writes to its disk fail. Free space on the host (df {dir}); if the guest reported I/O errors, restart the VM (`pen stop {name}`): its disk is checked at the next start"
     )
 }
 
@@ -112,6 +116,7 @@ mod tests {
             host_disk_full: Some(DiskFull {
                 since: 1_700_000_000,
                 disk: "/h/vms/dev/overlay.img".into(),
+                io_errors: true,
             }),
         };
         file.write(&notes).unwrap();

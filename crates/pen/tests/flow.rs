@@ -257,8 +257,8 @@ fn wait_child(mut child: std::process::Child, timeout: Duration) -> (Option<i32>
 
 /// A hostile client floods its session with `Resize` and `Signal` frames, which carry no data
 /// and so no window, while the guest reads nothing (its QEMU is stopped): the supervisor's
-/// memory stays bounded (each coalesces while queued for the guest), and once the guest runs
-/// again the session still works.
+/// memory stays bounded (each coalesces while queued for the guest, and the supervisor stops
+/// reading a client faster than it handles its frames), and the VM serves on afterwards.
 #[test]
 fn a_client_flooding_resizes_and_signals_stays_bounded() {
     use pen_proto::{
@@ -330,6 +330,8 @@ fn a_client_flooding_resizes_and_signals_stays_bounded() {
     for &pid in &qemu {
         signal(pid, Signal::SIGCONT);
     }
+    // A flooder blocked in a write (the supervisor stopped reading it) ends with an error.
+    let _ = client.shutdown(std::net::Shutdown::Write);
     flooder.join().unwrap();
     let sent = sent.load(Ordering::SeqCst);
     eprintln!(
@@ -337,8 +339,10 @@ fn a_client_flooding_resizes_and_signals_stays_bounded() {
          {idle_rss} KiB, max {max_rss} KiB",
         sent >> 20
     );
+    // Unbounded, the supervisor read 421 MiB of these in 15 s and grew to 8 GiB; bounded, it
+    // reads what it handles and the client's writes block. At least a few million frames:
     assert!(
-        sent > 64 << 20,
+        sent > 8 << 20,
         "the flood was too small to tell ({sent} bytes)"
     );
     assert!(

@@ -15,6 +15,10 @@ use std::path::Path;
 /// Start telling the guest while the host's free space is less than this above what the
 /// guest's disk could still grow by: room for the guest's dirty pages and pen-init's margin.
 pub const SLACK: u64 = 1 << 30;
+/// Below this much free space on the host, with the guest's disk able to grow further, the
+/// guest's writes fail with ENOSPC (pen-init keeps a margin of 128 MiB plus its dirty pages):
+/// the host disk is full as far as the VM is concerned, and the user is told.
+pub const FULL_BELOW: u64 = 256 << 20;
 /// A figure that moved less than this since the last one sent is not sent again.
 pub const STEP: u64 = 16 << 20;
 
@@ -36,6 +40,13 @@ pub fn look(overlay: &Path, disk_size: u64) -> std::io::Result<Look> {
         host_free,
         headroom: disk_size.saturating_sub(allocated),
     })
+}
+
+impl Look {
+    /// The guest can no longer write what its disk would still take.
+    pub fn full(&self) -> bool {
+        self.host_free < FULL_BELOW && self.headroom > self.host_free
+    }
 }
 
 /// What to send the guest after `look`, given the figure sent last (`None`: nothing sent,

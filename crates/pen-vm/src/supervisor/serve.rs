@@ -487,6 +487,20 @@ impl Sup<'_> {
                 return;
             }
         };
+        if look.full() {
+            self.on_host_disk_full(false);
+        } else if look.host_free > 2 * host_space::FULL_BELOW
+            && self
+                .notes
+                .host_disk_full
+                .as_ref()
+                .is_some_and(|f| !f.io_errors)
+        {
+            // Space was freed; the guest, which only saw ENOSPC, simply writes again.
+            eprintln!("supervisor: the host disk has room again");
+            self.notes.host_disk_full = None;
+            self.write_notes();
+        }
         if let Some(free) = host_space::decide(look, self.host_space_sent) {
             if free == u64::MAX {
                 eprintln!("supervisor: the host has room for the VM's disk again");
@@ -505,6 +519,14 @@ impl Sup<'_> {
         }
     }
 
+    fn write_notes(&self) {
+        if let Some(file) = &self.notes_file {
+            if let Err(e) = file.write(&self.notes) {
+                eprintln!("supervisor: writing the notes for `pen list`: {e}");
+            }
+        }
+    }
+
     fn on_qmp(&mut self, event: QmpEvent) {
         match event {
             QmpEvent::BlockIoError(e) if e.host_disk_full() => {
@@ -512,7 +534,7 @@ impl Sup<'_> {
                     "supervisor: the host disk is full: QEMU's {} on {} failed: {}",
                     e.operation, e.device, e.reason
                 );
-                self.on_host_disk_full();
+                self.on_host_disk_full(true);
             }
             QmpEvent::BlockIoError(e) => eprintln!(
                 "supervisor: host I/O error: QEMU's {} on {} failed ({}): {}",
@@ -525,11 +547,16 @@ impl Sup<'_> {
         }
     }
 
-    /// The host file system holding the overlay disk is full: the guest's writes fail
-    /// (`werror=report`). Said once per run, in `pen list` and to every client; a client
-    /// that connects later hears it when it says Hello.
-    fn on_host_disk_full(&mut self) {
-        if self.notes.host_disk_full.is_some() {
+    /// The host file system holding the overlay disk is full: the guest's writes fail, with
+    /// ENOSPC while pen-init keeps within the host's space, with I/O errors when the host
+    /// filled up faster (`werror=report`). Said once per run, in `pen list` and to every
+    /// client; a client that connects later hears it when it says Hello.
+    fn on_host_disk_full(&mut self, io_errors: bool) {
+        if let Some(full) = &mut self.notes.host_disk_full {
+            if io_errors && !full.io_errors {
+                full.io_errors = true;
+                self.write_notes();
+            }
             return;
         }
         let since = std::time::SystemTime::now()
@@ -539,12 +566,9 @@ impl Sup<'_> {
         self.notes.host_disk_full = Some(DiskFull {
             since,
             disk: self.paths.overlay().display().to_string(),
+            io_errors,
         });
-        if let Some(file) = &self.notes_file {
-            if let Err(e) = file.write(&self.notes) {
-                eprintln!("supervisor: writing the notes for `pen list`: {e}");
-            }
-        }
+        self.write_notes();
         // Every client prints it on stderr; one that greets later hears it then.
         for text in self.notes.lines(&self.name) {
             self.sessions.log(&text, false);
