@@ -13,6 +13,41 @@ use common::*;
 /// `s_state` of the overlay's ext4 superblock (1024 + 58), little endian.
 const EXT4_STATE: u64 = 1082;
 
+/// CRC-32C (Castagnoli) as ext4 keeps it: seeded with !0 and not inverted at the end.
+fn ext4_crc32c(data: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &byte in data {
+        crc ^= u32::from(byte);
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0x82F6_3B78
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    crc
+}
+
+/// Sets the "has errors" bit of the overlay's ext4 superblock, as the kernel does when its
+/// journal aborts, with the superblock's checksum (`metadata_csum`) made to match.
+fn mark_with_errors(overlay: &Path) {
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(overlay)
+        .unwrap();
+    let mut sb = vec![0u8; 1024];
+    f.seek(SeekFrom::Start(1024)).unwrap();
+    f.read_exact(&mut sb).unwrap();
+    let state = u16::from_le_bytes([sb[58], sb[59]]) | 2;
+    sb[58..60].copy_from_slice(&state.to_le_bytes());
+    let crc = ext4_crc32c(&sb[..1020]);
+    sb[1020..].copy_from_slice(&crc.to_le_bytes());
+    f.seek(SeekFrom::Start(1024)).unwrap();
+    f.write_all(&sb).unwrap();
+}
+
 fn ext4_state(overlay: &Path) -> u16 {
     let mut f = std::fs::File::open(overlay).unwrap();
     f.seek(SeekFrom::Start(EXT4_STATE)).unwrap();
@@ -32,16 +67,12 @@ fn an_overlay_marked_with_errors_is_checked_at_the_next_start() {
         .ok();
     pen.run(&["stop", "chk"]).ok();
     let overlay = pen.vm_dir("chk").join("overlay.img");
-    let state = ext4_state(&overlay);
-    assert_eq!(state & 2, 0, "a clean stop leaves no error flag");
-    {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .open(&overlay)
-            .unwrap();
-        f.seek(SeekFrom::Start(EXT4_STATE)).unwrap();
-        f.write_all(&(state | 2).to_le_bytes()).unwrap();
-    }
+    assert_eq!(
+        ext4_state(&overlay) & 2,
+        0,
+        "a clean stop leaves no error flag"
+    );
+    mark_with_errors(&overlay);
     pen.start("chk");
     let out = pen.exec("chk", &["cat", "/root/marker"]).ok();
     assert_eq!(out.stdout_str().trim(), "kept");

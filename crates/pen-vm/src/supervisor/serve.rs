@@ -444,10 +444,14 @@ impl Sup<'_> {
         self.sessions.idle_deadline(FIRST_CLIENT_GRACE)
     }
 
-    /// Moves the VM to `next`, as [`Phase::can_become`] allows.
-    fn become_(&mut self, next: Phase) {
-        debug_assert!(self.phase.can_become(next), "{:?} -> {next:?}", self.phase);
+    /// Moves the VM to `next` if [`Phase::can_become`] allows it; false when it does not
+    /// (a guest that says `Ready` twice, or while the VM stops).
+    fn become_(&mut self, next: Phase) -> bool {
+        if !self.phase.can_become(next) {
+            return false;
+        }
         self.phase = next;
+        true
     }
 
     fn handle(&mut self, event: Event) -> Option<End> {
@@ -601,8 +605,11 @@ impl Sup<'_> {
                 self.sessions.log(&text, true);
             }
             Message::Ready => {
+                if !self.become_(Phase::Ready) {
+                    eprintln!("supervisor: the guest said Ready while {:?}", self.phase);
+                    return None;
+                }
                 eprintln!("supervisor: VM ready (+{} ms)", super::since_start());
-                self.become_(Phase::Ready);
                 self.reporter.send(&Report::Ready);
                 self.reporter.close();
                 self.sessions.ready();
