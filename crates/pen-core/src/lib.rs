@@ -4,7 +4,8 @@
 //!
 //! * [`paths`]: where everything lives (`$PEN_HOME`, runtime sockets).
 //! * [`names`], [`size`], [`envspec`]: validation of user input.
-//! * [`vm`]: a VM's recorded configuration (`vm.json`), its lock, its status.
+//! * [`vm`]: a VM's recorded configuration (`vm.json`), its lock, its status; [`notes`]:
+//!   what its supervisor noticed (the host disk filled up), for `pen list`.
 //! * [`profile`]: profile files and their image cache key.
 //! * [`volume`]: read-only volumes: names, guest paths, volume files and their users.
 //! * [`image`]: what an image is: the base image's manifest and files, profile images and
@@ -20,6 +21,7 @@ pub mod image;
 pub mod interrupt;
 pub mod logfile;
 pub mod names;
+pub mod notes;
 pub mod paths;
 pub mod profile;
 pub mod progress;

@@ -315,6 +315,10 @@ impl VmPaths {
     pub fn net_socket(&self) -> PathBuf {
         self.runtime.join("net.sock")
     }
+    /// What the supervisor noticed about the running VM ([`crate::notes`]).
+    pub fn notes(&self) -> PathBuf {
+        self.runtime.join("notes.json")
+    }
 
     /// Removes the VM's runtime sockets (and the directory, when empty): a supervisor's
     /// leftovers, called only by whoever holds the VM's lock. Nothing, unless the runtime
@@ -332,6 +336,7 @@ impl VmPaths {
             self.runtime.join("virtiofs.sock.pid"),
             self.migrate_socket(),
             self.net_socket(),
+            self.notes(),
         ] {
             let _ = std::fs::remove_file(sock);
         }

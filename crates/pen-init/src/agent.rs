@@ -599,6 +599,13 @@ impl Server {
                     let _ = link.send(CONTROL, version_mismatch(version)).await;
                 }
                 Message::Shutdown { .. } => power::shutdown(self.overlay.as_ref()).await,
+                Message::HostSpace { free } => {
+                    if let Some(overlay) = &self.overlay {
+                        if let Err(e) = crate::space::apply(overlay, free) {
+                            eprintln!("pen-init: keeping within the host's free space: {e}");
+                        }
+                    }
+                }
                 Message::Config(_) => {
                     let _ = link
                         .send(

@@ -18,6 +18,7 @@ mod power;
 mod pty;
 mod reaper;
 mod session;
+mod space;
 
 use std::time::Instant;
 

@@ -80,6 +80,14 @@ impl Encoder<Frame> for FrameCodec {
     }
 }
 
+/// One frame as it goes on the wire, for writers outside tokio (tools, tests that play a
+/// client).
+pub fn encode_frame(frame: Frame) -> std::io::Result<Vec<u8>> {
+    let mut buf = BytesMut::new();
+    FrameCodec::new().encode(frame, &mut buf)?;
+    Ok(buf.to_vec())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

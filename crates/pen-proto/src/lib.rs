@@ -22,14 +22,15 @@ mod message;
 pub mod testing;
 pub mod window;
 
-pub use codec::{DecodeError, FrameCodec, MAX_FRAME_LEN};
+pub use codec::{encode_frame, DecodeError, FrameCodec, MAX_FRAME_LEN};
 pub use message::*;
 pub use window::{Credit, Inbound, WindowError, GRANT_THRESHOLD, WINDOW};
 
 /// Bumped whenever a change to [`Message`] is not backwards compatible.
 /// 2: per-session flow control ([`Message::Window`], see [`window`]).
 /// 3: [`GuestConfig::volumes`] (read-only volumes mounted after the snapshot point).
-pub const PROTOCOL_VERSION: u32 = 3;
+/// 4: [`Message::HostSpace`] (the host disk's free space, which the guest keeps within).
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Identifies one multiplexed session on a link.
 pub type SessionId = u32;

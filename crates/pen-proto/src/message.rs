@@ -73,6 +73,14 @@ pub enum Message {
     /// bytes, which the sender may now send. Travels opposite to the data it is for: toward
     /// the guest for output (C→S, H→G), toward the client for stdin (G→H, S→C).
     Window(u32),
+
+    // ---- VM-wide, session CONTROL (added in protocol 4) ----
+    /// H→G: the host file system holding the overlay disk has `free` bytes left, fewer than
+    /// the guest's file system could still write there (its disk is a sparse file). The
+    /// guest keeps what it lets its processes allocate below that, so that a full host disk
+    /// shows in the guest as a full disk (ENOSPC at `write`), not as I/O errors. Sent when
+    /// the figure matters and when it stops mattering (`u64::MAX`).
+    HostSpace { free: u64 },
 }
 
 impl Message {
@@ -97,6 +105,7 @@ impl Message {
             Message::Exit(_) => "Exit",
             Message::Error(_) => "Error",
             Message::Window(_) => "Window",
+            Message::HostSpace { .. } => "HostSpace",
         }
     }
 

@@ -115,6 +115,7 @@ pub fn message() -> impl Strategy<Value = Message> {
         exit_status().prop_map(Message::Exit),
         text().prop_map(Message::Error),
         any::<u32>().prop_map(Message::Window),
+        any::<u64>().prop_map(|free| Message::HostSpace { free }),
     ]
 }
 

@@ -457,14 +457,21 @@ fn list(home: &PenHome, json: bool) -> anyhow::Result<i32> {
             continue;
         };
         let (status, pid) = vm::status(&paths);
-        rows.push((vm, status, pid));
+        // What the supervisor noticed (the host disk filled up); none once stopped.
+        let notes = if status == Status::Running && matches!(paths.check_runtime(), Ok(true)) {
+            pen_core::notes::read(&paths.notes()).lines(&name)
+        } else {
+            Vec::new()
+        };
+        rows.push((vm, status, pid, notes));
     }
     if json {
         let items: Vec<_> = rows
             .iter()
-            .map(|(vm, status, pid)| {
+            .map(|(vm, status, pid, notes)| {
                 serde_json::json!({
                     "name": vm.name, "profile": vm.profile, "status": status, "pid": pid,
+                    "notes": notes,
                     "cpus": vm.cpus, "memory_mb": vm.memory_mb, "disk_size": vm.disk_size,
                     "dir": vm.dir, "created_at": vm.created_at,
                     "network": crate::network::json(&vm.network),
@@ -479,7 +486,9 @@ fn list(home: &PenHome, json: bool) -> anyhow::Result<i32> {
         "{:<20} {:<12} {:<8} {:>4} {:>7} {:<16} {:<16}  DIR",
         "NAME", "PROFILE", "STATUS", "CPUS", "MEMORY", "NETWORK", "VOLUMES"
     );
-    for (vm, status, _) in rows {
+    let mut all_notes = Vec::new();
+    for (vm, status, _, notes) in rows {
+        all_notes.extend(notes);
         let volumes: Vec<&str> = vm.volumes.iter().map(|v| v.name.as_str()).collect();
         println!(
             "{:<20} {:<12} {:<8} {:>4} {:>7} {:<16} {:<16}  {}",
@@ -496,6 +505,10 @@ fn list(home: &PenHome, json: bool) -> anyhow::Result<i32> {
             },
             vm.dir.display()
         );
+    }
+    // Below the table, on stderr: the table stays one line per VM for scripts.
+    for note in all_notes {
+        eprintln!("{note}");
     }
     Ok(0)
 }

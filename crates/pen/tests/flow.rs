@@ -254,3 +254,102 @@ fn wait_child(mut child: std::process::Child, timeout: Duration) -> (Option<i32>
     assert!(ok, "timed out after {timeout:?}:\n{stderr}");
     (status.code(), stderr)
 }
+
+/// A hostile client floods its session with `Resize` and `Signal` frames, which carry no data
+/// and so no window, while the guest reads nothing (its QEMU is stopped): the supervisor's
+/// memory stays bounded (each coalesces while queued for the guest, and the supervisor stops
+/// reading a client faster than it handles its frames), and the VM serves on afterwards.
+#[test]
+fn a_client_flooding_resizes_and_signals_stays_bounded() {
+    use pen_proto::{
+        encode_frame, ExecRequest, Frame, Message, WindowSize, CLIENT_SESSION, PROTOCOL_VERSION,
+    };
+    use std::os::unix::net::UnixStream;
+    let pen = Pen::new("flow-signals");
+    pen.start("sig");
+    let sup = supervisor_pid(&pen, "sig");
+    let home = pen_core::paths::PenHome::at(&pen.home);
+    let socket = pen_core::paths::VmPaths::new(&home, "sig").supervisor_socket();
+    let mut client = UnixStream::connect(&socket).unwrap();
+    let frame = |session, message| encode_frame(Frame::new(session, message)).unwrap();
+    client
+        .write_all(&frame(
+            pen_proto::CONTROL,
+            Message::Hello {
+                version: PROTOCOL_VERSION,
+                software: "hostile test client".into(),
+            },
+        ))
+        .unwrap();
+    client
+        .write_all(&frame(
+            CLIENT_SESSION,
+            Message::Exec(ExecRequest {
+                argv: vec!["sleep".into(), "600".into()],
+                env: vec![],
+                cwd: None,
+                tty: None,
+            }),
+        ))
+        .unwrap();
+    // The supervisor's answers are not read: its per-client queue is bounded on its own.
+    std::thread::sleep(Duration::from_secs(2));
+    let idle_rss = rss_kib(sup);
+    let qemu = pen.qemu_pids("sig");
+    assert!(!qemu.is_empty(), "no QEMU found");
+    for &pid in &qemu {
+        signal(pid, Signal::SIGSTOP);
+    }
+    // Many frames per write: a resize and two signals (SIGWINCH, SIGCONT: harmless to sleep).
+    let mut burst = Vec::new();
+    for i in 0..4096u16 {
+        let size = WindowSize {
+            rows: 24,
+            cols: 80 + i % 100,
+        };
+        burst.extend(frame(CLIENT_SESSION, Message::Resize(size)));
+        burst.extend(frame(CLIENT_SESSION, Message::Signal(libc::SIGWINCH)));
+        burst.extend(frame(CLIENT_SESSION, Message::Signal(libc::SIGCONT)));
+    }
+    let sent = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flooder = std::thread::spawn({
+        let (sent, stop) = (sent.clone(), stop.clone());
+        let mut client = client.try_clone().unwrap();
+        move || {
+            while !stop.load(Ordering::SeqCst) {
+                if client.write_all(&burst).is_err() {
+                    return;
+                }
+                sent.fetch_add(burst.len() as u64, Ordering::SeqCst);
+            }
+        }
+    });
+    let (max_rss, ()) = max_rss_over(sup, STALL, || ());
+    stop.store(true, Ordering::SeqCst);
+    for &pid in &qemu {
+        signal(pid, Signal::SIGCONT);
+    }
+    // A flooder blocked in a write (the supervisor stopped reading it) ends with an error.
+    let _ = client.shutdown(std::net::Shutdown::Write);
+    flooder.join().unwrap();
+    let sent = sent.load(Ordering::SeqCst);
+    eprintln!(
+        "flow-signals: the client sent {} MiB of resizes and signals; supervisor RSS idle \
+         {idle_rss} KiB, max {max_rss} KiB",
+        sent >> 20
+    );
+    // Unbounded, the supervisor read 421 MiB of these in 15 s and grew to 8 GiB; bounded, it
+    // reads what it handles and the client's writes block. At least a few million frames:
+    assert!(
+        sent > 8 << 20,
+        "the flood was too small to tell ({sent} bytes)"
+    );
+    assert!(
+        max_rss < idle_rss + RSS_GROWTH_LIMIT_KIB,
+        "the supervisor grew from {idle_rss} to {max_rss} KiB under a flood of resizes and signals"
+    );
+    drop(client);
+    // The VM serves the next session as before.
+    pen.exec("sig", &["true"]).ok();
+}

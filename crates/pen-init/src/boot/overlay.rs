@@ -23,13 +23,25 @@ pub fn has_ext4_magic(head: &[u8]) -> bool {
         .is_some_and(|b| u16::from_le_bytes([b[0], b[1]]) == EXT4_MAGIC)
 }
 
-fn device_has_ext4(dev: &Path) -> Result<bool, BootError> {
+/// Byte offset of `s_state` in an ext2/3/4 superblock (superblock at 1024 + field at 58).
+const EXT4_STATE_OFFSET: usize = 1082;
+/// `s_state` bit: the kernel found errors (an aborted journal after the host disk filled up).
+const EXT4_ERROR_FS: u16 = 0x0002;
+
+/// True when `head` (the first bytes of an ext4 device) says the file system has errors.
+pub fn has_ext4_errors(head: &[u8]) -> bool {
+    head.get(EXT4_STATE_OFFSET..EXT4_STATE_OFFSET + 2)
+        .is_some_and(|b| u16::from_le_bytes([b[0], b[1]]) & EXT4_ERROR_FS != 0)
+}
+
+/// The overlay disk's first 2 KiB: enough for the superblock's magic and state.
+fn device_head(dev: &Path) -> Result<Vec<u8>, BootError> {
     let mut head = vec![0u8; 2048];
     let mut f = std::fs::File::open(dev)
         .map_err(|e| BootError::new("overlay", format!("open {}: {e}", dev.display())))?;
     f.read_exact(&mut head)
         .map_err(|e| BootError::new("overlay", format!("read {}: {e}", dev.display())))?;
-    Ok(has_ext4_magic(&head))
+    Ok(head)
 }
 
 /// Stage 1: mounts the root image read-only at [`SYSROOT`].
@@ -41,20 +53,13 @@ pub fn mount_root_image(dev: &Path) -> Result<(), BootError> {
 
 /// Formats `dev` with the root image's own mkfs.ext4 (the initramfs has no tools).
 fn make_ext4(dev: &Path) -> Result<(), BootError> {
-    let tool_mounts = mounts::mount_tool_env(SYSROOT)?;
-    let result = Command::new("/sbin/mkfs.ext4")
-        .args(["-F", "-q", "-L", "pen-overlay", "-E"])
-        .arg("lazy_itable_init=1,lazy_journal_init=1")
-        .arg(dev)
-        .env_clear()
-        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-        .stdin(Stdio::null())
-        .current_dir("/")
-        .pipe_output()
-        .chroot_to(SYSROOT)
-        .output();
-    mounts::unmount_all(&tool_mounts);
-    let out = result.map_err(|e| BootError::new("overlay", format!("run mkfs.ext4: {e}")))?;
+    let out = run_root_tool(
+        Command::new("/sbin/mkfs.ext4")
+            .args(["-F", "-q", "-L", "pen-overlay", "-E"])
+            .arg("lazy_itable_init=1,lazy_journal_init=1")
+            .arg(dev),
+        "mkfs.ext4",
+    )?;
     if !out.status.success() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         return Err(BootError::new(
@@ -68,6 +73,49 @@ fn make_ext4(dev: &Path) -> Result<(), BootError> {
         ));
     }
     Ok(())
+}
+
+/// Repairs `dev` with the root image's `e2fsck -p` (what it can fix without asking). The
+/// kernel marks the file system with errors when its journal aborts, which is what a host
+/// disk that filled up leads to: the guest's writes failed, and what the journal had not
+/// committed is lost. Exit codes 0-2 mean clean or fixed; 4 and up, left with errors.
+fn check_ext4(dev: &Path) -> Result<(), BootError> {
+    let out = run_root_tool(Command::new("/sbin/e2fsck").arg("-p").arg(dev), "e2fsck")?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    match out.status.code() {
+        Some(0..=2) => {
+            eprintln!(
+                "pen-init: the overlay disk had errors; e2fsck -p fixed them: {}",
+                stdout.trim()
+            );
+            Ok(())
+        }
+        _ => Err(BootError::new(
+            "overlay",
+            format!(
+                "the VM's disk has errors that e2fsck -p cannot fix ({}): {} {}; its files can be copied out of the disk image on the host, or the VM deleted and created again",
+                out.status,
+                stdout.trim(),
+                stderr.trim()
+            ),
+        )),
+    }
+}
+
+/// Runs a tool of the root image, chrooted into it with /dev, /proc and /sys mounted.
+fn run_root_tool(command: &mut Command, name: &str) -> Result<std::process::Output, BootError> {
+    let tool_mounts = mounts::mount_tool_env(SYSROOT)?;
+    let result = command
+        .env_clear()
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .stdin(Stdio::null())
+        .current_dir("/")
+        .pipe_output()
+        .chroot_to(SYSROOT)
+        .output();
+    mounts::unmount_all(&tool_mounts);
+    result.map_err(|e| BootError::new("overlay", format!("run {name}: {e}")))
 }
 
 trait CommandSetup {
@@ -96,7 +144,11 @@ impl CommandSetup for Command {
 /// with `upper/` and `work/`. Returns an `O_PATH` handle on the mount, used at shutdown to
 /// remount it read-only once it is no longer reachable by path.
 pub fn prepare_overlay_disk(dev: &Path) -> Result<(OwnedFd, bool), BootError> {
-    let formatted = if device_has_ext4(dev)? {
+    let head = device_head(dev)?;
+    let formatted = if has_ext4_magic(&head) {
+        if has_ext4_errors(&head) {
+            check_ext4(dev)?;
+        }
         false
     } else {
         make_ext4(dev)?;
@@ -159,6 +211,17 @@ mod tests {
         head[1080] = 0xEF;
         head[1081] = 0x53;
         assert!(!has_ext4_magic(&head));
+    }
+
+    #[test]
+    fn detects_the_error_state() {
+        let mut head = vec![0u8; 2048];
+        assert!(!has_ext4_errors(&head));
+        head[1082] = 0x01; // EXT2_VALID_FS: clean
+        assert!(!has_ext4_errors(&head));
+        head[1082] = 0x03; // valid, with errors
+        assert!(has_ext4_errors(&head));
+        assert!(!has_ext4_errors(&head[..1083]));
     }
 
     #[test]

@@ -79,7 +79,13 @@ pub(super) async fn run(
             frame = conn.framed.next() => {
                 let frame = received(frame, name)?;
                 if frame.session != CLIENT_SESSION {
-                    // VM-wide notices (Shutdown, Log): the session's own end follows.
+                    // VM-wide notices. A `Log` line (the host disk is full) goes to stderr,
+                    // on a line of its own; after `Shutdown` the session's own end follows.
+                    if let Message::Log { text } = frame.message {
+                        stdout.flush()?;
+                        let eol = if tty { "\r\n" } else { "\n" };
+                        let _ = write!(stderr, "{eol}{}{eol}", text.replace('\n', eol));
+                    }
                     continue;
                 }
                 match frame.message {

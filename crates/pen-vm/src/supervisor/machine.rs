@@ -8,16 +8,16 @@
 use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd};
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 
 use super::children::{self, Spawned};
 use crate::qemu::{self, QemuSpec};
-use crate::qmp::Qmp;
+use crate::qmp::{Migration, Qmp};
 use crate::snapshot::{Pending, Snapshot};
 
 /// How long QEMU may take to load a snapshot's device state (normally milliseconds).
@@ -35,11 +35,18 @@ pub(super) struct Machine {
     pub stage1: Stage1,
 }
 
-/// What stage 1 needs and drops when done: the monitor connection (QEMU takes one at a
-/// time, and `pen stop` later opens its own) and pen's handle on guest RAM.
-pub(super) struct Stage1 {
+/// What the supervisor keeps of a QEMU for the VM's whole life: its monitor (the one
+/// connection QEMU serves; clones share it) and guest RAM, the memfd QEMU maps. Saving the
+/// guest, reading balloon statistics, pausing it and hearing of its disk errors need them.
+#[derive(Clone)]
+pub(super) struct Handles {
     pub qmp: Qmp,
-    ram: File,
+    pub ram: Arc<File>,
+}
+
+/// What stage 1 needs: the VM's [`Handles`] and how far its devices got.
+pub(super) struct Stage1 {
+    pub handles: Handles,
     pub spec: QemuSpec,
     /// Not running (restored, or stopped for a save): needs `cont`.
     paused: bool,
@@ -108,8 +115,10 @@ pub(super) async fn start_cold(mut spec: QemuSpec) -> anyhow::Result<Machine> {
     Ok(Machine {
         qemu,
         stage1: Stage1 {
-            qmp,
-            ram,
+            handles: Handles {
+                qmp,
+                ram: Arc::new(ram),
+            },
             spec,
             paused: false,
             attached: false,
@@ -150,15 +159,15 @@ pub(super) async fn start_restored(
     });
     let mut qemu = spawn_qemu(&mut spec, &ram, true).map_err(RestoreError::Host)?;
     let result = async {
-        let mut qmp = Qmp::handshake(connect_socket(&spec.qmp_socket, &mut qemu).await?)
+        let qmp = Qmp::handshake(connect_socket(&spec.qmp_socket, &mut qemu).await?)
             .await
-            .map_err(RestoreError::Host)?;
+            .map_err(|e| RestoreError::Host(e.into()))?;
         let qemu_time = started.elapsed();
         let copy_time = copy
             .await
             .map_err(|e| RestoreError::Host(anyhow::anyhow!("RAM copy thread: {e}")))?
             .map_err(RestoreError::Snapshot)?;
-        load_state(&mut qmp, &state)
+        load_state(&qmp, &state)
             .await
             .map_err(|e| RestoreError::Snapshot(format!("QEMU did not load it: {e:#}")))?;
         eprintln!(
@@ -177,8 +186,10 @@ pub(super) async fn start_restored(
         Ok(qmp) => Ok(Machine {
             qemu,
             stage1: Stage1 {
-                qmp,
-                ram,
+                handles: Handles {
+                    qmp,
+                    ram: Arc::new(ram),
+                },
                 spec,
                 paused: true,
                 attached: false,
@@ -214,16 +225,13 @@ pub(super) async fn kill(qemu: &mut Spawned) {
 /// Feeds the device state to a QEMU started with `-incoming defer` and waits for it to be
 /// loaded. RAM is already in place: `x-ignore-shared` tells QEMU not to expect it. The
 /// stream is one end of a socket pair handed to QEMU, never a path it opens.
-async fn load_state(qmp: &mut Qmp, state: &[u8]) -> anyhow::Result<()> {
-    ignore_shared_ram(qmp).await?;
+async fn load_state(qmp: &Qmp, state: &[u8]) -> anyhow::Result<()> {
+    qmp.set_migration_capability("x-ignore-shared", true)
+        .await?;
     let (mut ours, theirs) = migration_pair()?;
     qmp.pass_fd(MIGRATION_FD, theirs.as_fd()).await?;
     drop(theirs);
-    qmp.execute(
-        "migrate-incoming",
-        json!({ "uri": format!("fd:{MIGRATION_FD}") }),
-    )
-    .await?;
+    qmp.migrate_incoming_fd(MIGRATION_FD).await?;
     ours.write_all(state)
         .await
         .context("sending the device state")?;
@@ -242,31 +250,15 @@ fn migration_pair() -> anyhow::Result<(UnixStream, std::os::unix::net::UnixStrea
     Ok((UnixStream::from_std(ours)?, theirs))
 }
 
-async fn ignore_shared_ram(qmp: &mut Qmp) -> anyhow::Result<()> {
-    qmp.execute(
-        "migrate-set-capabilities",
-        json!({"capabilities": [{"capability": "x-ignore-shared", "state": true}]}),
-    )
-    .await?;
-    Ok(())
-}
-
 /// Polls `query-migrate` until the migration completed; fails when it failed, QEMU went
 /// away or `limit` passed.
-async fn wait_migration(qmp: &mut Qmp, limit: Duration) -> anyhow::Result<()> {
+async fn wait_migration(qmp: &Qmp, limit: Duration) -> anyhow::Result<()> {
     let deadline = Instant::now() + limit;
     loop {
-        let info = qmp.execute("query-migrate", json!({})).await?;
-        match info.get("status").and_then(Value::as_str) {
-            Some("completed") => return Ok(()),
-            Some(status @ ("failed" | "cancelled")) => {
-                let why = info
-                    .get("error-desc")
-                    .and_then(Value::as_str)
-                    .unwrap_or("no reason given");
-                anyhow::bail!("migration {status}: {why}");
-            }
-            _ => {}
+        match qmp.query_migrate().await? {
+            Migration::Completed => return Ok(()),
+            Migration::Failed(why) => anyhow::bail!("migration {why}"),
+            Migration::Running(_) => {}
         }
         if Instant::now() > deadline {
             anyhow::bail!("migration did not complete within {}s", limit.as_secs());
@@ -281,23 +273,18 @@ impl Stage1 {
     /// Returns the pending snapshot, complete but for its manifest, and QEMU's version for
     /// the manifest; on error the pending snapshot is gone (and its files with it).
     pub async fn save(&mut self, mut pending: Pending) -> anyhow::Result<(Pending, String)> {
-        self.qmp.execute("stop", json!({})).await?;
+        let qmp = &self.handles.qmp;
+        qmp.stop().await?;
         self.paused = true;
-        ignore_shared_ram(&mut self.qmp).await?;
-        // Device state is a few hundred KB; the default 32 MiB/s cap would still cost time.
-        self.qmp
-            .execute(
-                "migrate-set-parameters",
-                json!({"max-bandwidth": 1u64 << 40}),
-            )
+        qmp.set_migration_capability("x-ignore-shared", true)
             .await?;
+        // Device state is a few hundred KB; the default 32 MiB/s cap would still cost time.
+        qmp.set_migration_max_bandwidth(1 << 40).await?;
         pen_core::testpoint::pause("snapshot migrate");
         let (mut stream, theirs) = migration_pair()?;
-        self.qmp.pass_fd(MIGRATION_FD, theirs.as_fd()).await?;
+        qmp.pass_fd(MIGRATION_FD, theirs.as_fd()).await?;
         drop(theirs);
-        self.qmp
-            .execute("migrate", json!({ "uri": format!("fd:{MIGRATION_FD}") }))
-            .await?;
+        qmp.migrate_to_fd(MIGRATION_FD).await?;
         let receive = async {
             let mut bytes = Vec::new();
             (&mut stream)
@@ -312,17 +299,17 @@ impl Stage1 {
         if state.len() > MAX_STATE {
             anyhow::bail!("the device state is larger than {} MB", MAX_STATE >> 20);
         }
-        wait_migration(&mut self.qmp, SAVE_TIMEOUT).await?;
+        wait_migration(qmp, SAVE_TIMEOUT).await?;
         pending.write_state(&state)?;
         // Copying ~100 MB of pages blocks: on a blocking thread, the runtime keeps serving.
-        let ram = self.ram.try_clone()?;
+        let ram = self.handles.ram.clone();
         let size = ram_size(&self.spec);
         let pending =
             tokio::task::spawn_blocking(move || pending.write_ram(&ram, size).map(|()| pending))
                 .await
                 .context("RAM copy thread")??;
-        let version = self.qmp.execute("query-version", json!({})).await?;
-        Ok((pending, qemu_version(&version)))
+        let version = qmp.query_version().await?;
+        Ok((pending, version))
     }
 
     /// Plugs in the VM's workspace device and, on a cold boot, puts its volume files behind
@@ -333,14 +320,13 @@ impl Stage1 {
         if self.attached {
             return Ok(());
         }
+        let qmp = &self.handles.qmp;
         for (slot, file) in std::mem::take(&mut self.volumes).iter().enumerate() {
-            self.qmp
-                .add_fd(qemu::volume_fdset(slot), file.as_fd())
+            qmp.add_fd(qemu::volume_fdset(slot), file.as_fd())
                 .await
                 .context("attaching the VM's volumes")?;
             for (command, arguments) in qemu::volume_attach_commands(slot) {
-                self.qmp
-                    .execute(command, arguments)
+                qmp.execute(command, arguments)
                     .await
                     .context("attaching the VM's volumes")?;
             }
@@ -349,14 +335,12 @@ impl Stage1 {
             // Connected here and handed over: QEMU may not be able to open our sockets.
             let stream = std::os::unix::net::UnixStream::connect(sock)
                 .with_context(|| format!("connecting to virtiofsd at {}", sock.display()))?;
-            self.qmp
-                .pass_fd(qemu::VIRTIOFS_FD, stream.as_fd())
+            qmp.pass_fd(qemu::VIRTIOFS_FD, stream.as_fd())
                 .await
                 .context("attaching the VM's devices")?;
         }
         for (command, arguments) in qemu::hotplug_commands(&self.spec) {
-            self.qmp
-                .execute(command, arguments)
+            qmp.execute(command, arguments)
                 .await
                 .context("attaching the VM's devices")?;
         }
@@ -367,25 +351,11 @@ impl Stage1 {
     /// Lets the guest run (again) if it is paused.
     pub async fn resume(&mut self) -> anyhow::Result<()> {
         if self.paused {
-            self.qmp.execute("cont", json!({})).await?;
+            self.handles.qmp.cont().await?;
             self.paused = false;
         }
         Ok(())
     }
-}
-
-/// "7.2.22 (Debian 1:7.2+dfsg-7+deb12u18+b3)" from a `query-version` answer.
-fn qemu_version(v: &Value) -> String {
-    let q = &v["qemu"];
-    let mut s = format!("{}.{}.{}", q["major"], q["minor"], q["micro"]);
-    if let Some(package) = v["package"]
-        .as_str()
-        .map(str::trim)
-        .filter(|p| !p.is_empty())
-    {
-        s.push_str(&format!(" {package}"));
-    }
-    s
 }
 
 impl From<anyhow::Error> for RestoreError {
@@ -417,18 +387,5 @@ pub(super) async fn connect_socket(path: &Path, qemu: &mut Spawned) -> anyhow::R
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn version_string() {
-        let v = json!({"qemu": {"major": 7, "minor": 2, "micro": 22}, "package": "Debian 1:7.2+dfsg-7"});
-        assert_eq!(qemu_version(&v), "7.2.22 Debian 1:7.2+dfsg-7");
-        let v = json!({"qemu": {"major": 8, "minor": 0, "micro": 0}, "package": ""});
-        assert_eq!(qemu_version(&v), "8.0.0");
     }
 }

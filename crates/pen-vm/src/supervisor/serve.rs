@@ -1,36 +1,35 @@
 //! The supervisor's life: start virtiofsd and QEMU, do the guest handshake, serve clients,
 //! shut down. One event loop owns all state; the tasks around it only move frames.
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use pen_core::paths::VmPaths;
 use pen_core::vm::VmConfig;
-use pen_proto::{
-    BootMode, Frame, GuestConfig, GuestVolume, Message, CLIENT_SESSION, CONTROL, PROTOCOL_VERSION,
-};
+use pen_proto::{BootMode, Frame, GuestConfig, GuestVolume, Message, CONTROL, PROTOCOL_VERSION};
 use tokio::net::UnixListener;
 use tokio::process::Child;
-use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+use tokio::sync::mpsc::{channel, Receiver};
 use tokio::task::JoinHandle;
 use tokio::time::sleep_until;
 
 use super::boot;
 use super::children::{self, Spawned};
 use super::config::guest_config;
-use super::machine::Stage1;
-use super::outbox::Outbox;
+use super::event::{Event, Phase};
+use super::guest_queue::GuestQueue;
+use super::host_space;
+use super::machine::{Handles, Stage1};
 use super::overlay::prepare_overlay;
-use super::router::{ClientId, FromGuest, Router};
-use super::sessions::{accept_loop, read_guest, write_frames, Client};
+use super::sessions::{accept_loop, read_guest, write_frames, Request, Sessions};
 use super::{Params, Report, Reporter};
 use crate::accel::Accel;
 use crate::qemu::{self, QemuSpec};
-use crate::qmp::Qmp;
+use crate::qmp::QmpEvent;
 use crate::snapshot::{self, BootFiles, Committed, Identity, Pending};
 use crate::virtiofsd;
+use pen_core::notes::{DiskFull, Notes, NotesFile};
 
 /// A VM started by `pen shell`/`pen exec` whose client never shows up (killed between
 /// hearing that the VM is ready and connecting; one killed earlier stops it at once, see
@@ -47,23 +46,10 @@ const POWEROFF_SYNC_LIMIT: Duration = Duration::from_secs(120);
 const SYNC_QUIET: Duration = Duration::from_secs(2);
 const FORCED_POWEROFF_GRACE: Duration = Duration::from_secs(3);
 const CONSOLE_TAIL_LINES: usize = 20;
-
-pub(super) enum Event {
-    Guest(Frame),
-    GuestBad(String),
-    GuestClosed,
-    ClientConnected(ClientId, Outbox, JoinHandle<()>),
-    ClientFrame(ClientId, Frame),
-    ClientBad(ClientId, String),
-    ClientGone(ClientId),
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Phase {
-    Booting,
-    Ready,
-    Stopping,
-}
+/// How often the host's free space under the overlay disk is looked at ([`host_space`]).
+const HOST_SPACE_EVERY: Duration = Duration::from_secs(1);
+/// Events waiting for the loop, from all readers together.
+const EVENT_QUEUE: usize = 256;
 
 /// Why the event loop ended.
 pub(super) enum End {
@@ -77,18 +63,16 @@ pub(super) struct Sup<'r> {
     pub(super) paths: VmPaths,
     pub(super) params: Params,
     pub(super) reporter: &'r mut Reporter,
-    pub(super) agent_tx: UnboundedSender<Frame>,
-    pub(super) clients: HashMap<ClientId, Client>,
-    pub(super) router: Router,
+    /// Clients, their sessions and the guest link they share.
+    pub(super) sessions: Sessions,
     pub(super) phase: Phase,
     pub(super) config_sent: bool,
     pub(super) keep_running: bool,
-    /// A client connected after the VM became ready: from then on, no clients = stop.
-    pub(super) had_client: bool,
-    pub(super) idle_since: Instant,
     pub(super) accept_task: Option<JoinHandle<()>>,
     pub(super) boot_timeout: Duration,
-    /// QEMU's monitor and guest RAM, until the stage-1 point is passed.
+    /// QEMU's monitor and guest RAM, for the VM's whole life.
+    pub(super) handles: Handles,
+    /// What stage 1 still has to do (devices, resume), until the stage-1 point is passed.
     pub(super) stage1: Option<Stage1>,
     /// The guest waits for its configuration: save (maybe), attach devices, configure.
     pub(super) stage1_due: bool,
@@ -99,6 +83,12 @@ pub(super) struct Sup<'r> {
     pub(super) virtiofsd: Option<Spawned>,
     /// The VM's volumes, slot by slot, for its configuration.
     pub(super) volumes: Vec<GuestVolume>,
+    /// What `pen list` shows about this VM; `None` when the file could not be made.
+    pub(super) notes_file: Option<NotesFile>,
+    pub(super) notes: Notes,
+    /// The overlay disk's size, and the host's free space last told the guest.
+    pub(super) disk_size: u64,
+    pub(super) host_space_sent: Option<u64>,
 }
 
 pub(super) async fn run(
@@ -170,11 +160,18 @@ pub(super) async fn run(
     }
     paths.remove_sockets();
     paths.ensure_runtime()?;
+    let notes_file = NotesFile::create(&paths.notes())
+        .map_err(|e| eprintln!("supervisor: no notes file for `pen list`: {e}"))
+        .ok();
 
     // Before QEMU, which connects to it at startup; a published port in use ends here.
     let _network = super::network::start(&paths, &vm.network).await?;
 
-    let (events_tx, mut events) = unbounded_channel();
+    // Bounded: the tasks that read clients and the guest wait here rather than read on, so a
+    // peer sending tiny frames faster than this loop handles them fills its own socket, not
+    // the supervisor's memory (on one thread, a reader decodes a whole buffer of frames for
+    // each event the loop takes).
+    let (events_tx, mut events) = channel(EVENT_QUEUE);
     // Bound before boot so that a second `pen` racing to start this VM can attach and wait
     // for Ready here instead of polling.
     let listener = UnixListener::bind(paths.supervisor_socket())
@@ -227,9 +224,20 @@ pub(super) async fn run(
     eprintln!("supervisor: agent link up (+{} ms)", super::since_start());
     let mut qemu = booted.machine.qemu;
 
-    let (agent_tx, agent_rx) = unbounded_channel();
-    tokio::spawn(write_frames(booted.agent_write, agent_rx));
+    let agent_tx = GuestQueue::new();
+    tokio::spawn(write_frames(booted.agent_write, agent_tx.clone()));
     tokio::spawn(read_guest(booted.agent_read, events_tx.clone()));
+    let handles = booted.machine.stage1.handles.clone();
+    if let Some(mut qmp_events) = handles.qmp.take_events() {
+        let events_tx = events_tx.clone();
+        tokio::spawn(async move {
+            while let Some(event) = qmp_events.recv().await {
+                if events_tx.send(Event::Qmp(event)).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
     drop(events_tx);
 
     let mut sup = Sup {
@@ -237,18 +245,14 @@ pub(super) async fn run(
         paths: paths.clone(),
         params,
         reporter,
-        agent_tx,
-        clients: HashMap::new(),
-        router: Router::default(),
+        sessions: Sessions::new(&name, agent_tx),
         phase: Phase::Booting,
         config_sent: booted.restored,
         keep_running: false,
-        had_client: false,
-        idle_since: Instant::now(),
         accept_task: Some(accept_task),
         boot_timeout: Duration::ZERO,
-        // A restored guest is past stage 1 already; dropping `stage1` closes the monitor
-        // connection and our handle on guest RAM.
+        handles,
+        // A restored guest is past stage 1 already.
         stage1: (!booted.restored).then_some(booted.machine.stage1),
         stage1_due: false,
         save: booted.save,
@@ -256,6 +260,10 @@ pub(super) async fn run(
         saver: None,
         virtiofsd: virtiofsd.take(),
         volumes: guest_volumes,
+        notes_file,
+        notes: Notes::default(),
+        disk_size: vm.disk_size,
+        host_space_sent: None,
     };
     sup.keep_running = sup.params.keep_running;
     if !booted.restored {
@@ -298,12 +306,7 @@ pub(super) async fn run(
                 Err(anyhow::anyhow!(msg))
             } else {
                 let msg = format!("VM {name} stopped unexpectedly (QEMU exited: {status})");
-                for client in sup.router.drain() {
-                    sup.send_client(
-                        client,
-                        Frame::new(CLIENT_SESSION, Message::Error(msg.clone())),
-                    );
-                }
+                sup.sessions.sessions_lost(&msg);
                 Ok(())
             }
         }
@@ -316,7 +319,8 @@ pub(super) async fn run(
         }
     };
 
-    sup.disconnect_all().await;
+    sup.sessions.disconnect_all().await;
+    sup.sessions.close_guest();
     if let Some(virtiofsd) = &mut sup.virtiofsd {
         children::terminate(&mut virtiofsd.child, Duration::from_secs(1)).await;
         // Its serving process may outlive it briefly; the next start of this VM must not
@@ -384,13 +388,15 @@ impl Sup<'_> {
     async fn event_loop(
         &mut self,
         qemu: &mut Child,
-        events: &mut UnboundedReceiver<Event>,
+        events: &mut Receiver<Event>,
         boot_deadline: Instant,
     ) -> End {
         let mut sigterm = signal(tokio::signal::unix::SignalKind::terminate());
         let mut sigint = signal(tokio::signal::unix::SignalKind::interrupt());
         // A supervisor has no terminal; a stray SIGHUP must not kill the VM.
         let _sighup = signal(tokio::signal::unix::SignalKind::hangup());
+        let mut host_space = tokio::time::interval(HOST_SPACE_EVERY);
+        host_space.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         loop {
             if self.stage1_due {
                 self.stage1_due = false;
@@ -417,6 +423,7 @@ impl Sup<'_> {
                 }
                 // Only wakes the loop: `abandoned` tells what it means.
                 _ = self.reporter.spawner_left() => {}
+                _ = host_space.tick(), if self.phase == Phase::Ready => self.tell_host_space(),
                 _ = sigterm.recv() => return End::Shutdown { force: false },
                 _ = sigint.recv() => return End::Shutdown { force: false },
                 _ = sleep_until(idle.unwrap_or(boot_deadline).into()), if idle.is_some() => {
@@ -449,26 +456,27 @@ impl Sup<'_> {
         if self.abandoned() {
             return Some(Instant::now());
         }
-        if self.phase != Phase::Ready || self.keep_running || !self.clients.is_empty() {
+        if self.phase != Phase::Ready || self.keep_running {
             return None;
         }
-        Some(if self.had_client {
-            self.idle_since
-        } else {
-            self.idle_since + FIRST_CLIENT_GRACE
-        })
+        self.sessions.idle_deadline(FIRST_CLIENT_GRACE)
+    }
+
+    /// Moves the VM to `next` if [`Phase::can_become`] allows it; false when it does not
+    /// (a guest that says `Ready` twice, or while the VM stops).
+    fn become_(&mut self, next: Phase) -> bool {
+        if !self.phase.can_become(next) {
+            return false;
+        }
+        self.phase = next;
+        true
     }
 
     /// The `pen` that started the VM went away (interrupted) before the VM was ready, and
     /// no other client waits for it or has used it: booting on, or keeping it for a first
     /// client, would be for nobody.
     fn abandoned(&self) -> bool {
-        let unused = match self.phase {
-            Phase::Booting => !self.clients.values().any(|c| c.waiting),
-            Phase::Ready => !self.had_client && self.clients.is_empty(),
-            Phase::Stopping => false,
-        };
-        unused && self.reporter.gone()
+        self.reporter.gone() && self.sessions.unattended(self.phase)
     }
 
     fn handle(&mut self, event: Event) -> Option<End> {
@@ -479,62 +487,126 @@ impl Sup<'_> {
             }
             Event::GuestClosed => eprintln!("supervisor: agent link closed"),
             Event::ClientConnected(id, outbox, writer) => {
-                if self.phase == Phase::Ready {
-                    self.had_client = true;
+                self.sessions.connected(id, outbox, writer, self.phase)
+            }
+            Event::ClientFrame(id, frame) => {
+                let notes = self.notes.lines(&self.name);
+                match self.sessions.on_client(id, frame, self.phase, &notes)? {
+                    Request::Shutdown { force } => return Some(End::Shutdown { force }),
+                    Request::KeepRunning => {
+                        eprintln!("supervisor: keeping the VM running");
+                        self.keep_running = true;
+                    }
                 }
-                self.clients.insert(
-                    id,
-                    Client {
-                        outbox,
-                        writer,
-                        hello: false,
-                        waiting: false,
-                    },
-                );
             }
-            Event::ClientFrame(id, frame) => return self.on_client(id, frame),
-            Event::ClientBad(id, reason) => {
-                self.send_client(
-                    id,
-                    Frame::new(
-                        CLIENT_SESSION,
-                        Message::Error(format!("malformed frame: {reason}")),
-                    ),
-                );
-                self.drop_client(id);
-            }
-            Event::ClientGone(id) => self.drop_client(id),
+            Event::ClientBad(id, reason) => self.sessions.malformed(id, &reason),
+            Event::ClientGone(id) => self.sessions.drop_client(id),
+            Event::Qmp(event) => self.on_qmp(event),
         }
         None
     }
 
-    fn on_guest(&mut self, frame: Frame) -> Option<End> {
-        if frame.session != CONTROL {
-            // Never waits: a client's queue is bounded by its session's window, which the
-            // router enforces, and by its outbox, so a stalled client stalls only its own
-            // guest process.
-            match self.router.route_from_guest(frame) {
-                FromGuest::Client(client, frame) => self.send_client(client, frame),
-                FromGuest::Guest(frame) => self.send_guest(frame),
-                FromGuest::Broken {
-                    client,
-                    session,
-                    error,
-                } => {
-                    eprintln!("supervisor: guest session {session} broke the protocol: {error}");
-                    self.send_guest(Frame::new(session, Message::Signal(libc::SIGKILL)));
-                    self.send_client(
-                        client,
-                        Frame::new(
-                            CLIENT_SESSION,
-                            Message::Error(format!(
-                                "the guest broke the session's protocol: {error}"
-                            )),
-                        ),
+    /// Tells the guest the host's free space when it could fill before the guest's disk
+    /// does ([`host_space`]).
+    fn tell_host_space(&mut self) {
+        let look = match host_space::look(&self.paths.overlay(), self.disk_size) {
+            Ok(look) => look,
+            Err(e) => {
+                eprintln!("supervisor: looking at the host's free space: {e}");
+                return;
+            }
+        };
+        if look.full() {
+            self.on_host_disk_full(false);
+        } else if look.host_free > 2 * host_space::FULL_BELOW
+            && self
+                .notes
+                .host_disk_full
+                .as_ref()
+                .is_some_and(|f| !f.io_errors)
+        {
+            // Space was freed; the guest, which only saw ENOSPC, simply writes again.
+            eprintln!("supervisor: the host disk has room again");
+            self.notes.host_disk_full = None;
+            self.write_notes();
+        }
+        if let Some(free) = host_space::decide(look, self.host_space_sent) {
+            if free == u64::MAX {
+                eprintln!("supervisor: the host has room for the VM's disk again");
+                self.host_space_sent = None;
+            } else {
+                if self.host_space_sent.is_none() {
+                    eprintln!(
+                        "supervisor: the host has {} MiB free, less than the VM's disk could still take ({} MiB): the guest keeps within it",
+                        free >> 20,
+                        look.headroom >> 20
                     );
                 }
-                FromGuest::Drop => {}
+                self.host_space_sent = Some(free);
             }
+            self.send_guest(Frame::control(Message::HostSpace { free }));
+        }
+    }
+
+    fn write_notes(&self) {
+        if let Some(file) = &self.notes_file {
+            if let Err(e) = file.write(&self.notes) {
+                eprintln!("supervisor: writing the notes for `pen list`: {e}");
+            }
+        }
+    }
+
+    fn on_qmp(&mut self, event: QmpEvent) {
+        match event {
+            QmpEvent::BlockIoError(e) if e.host_disk_full() => {
+                eprintln!(
+                    "supervisor: the host disk is full: QEMU's {} on {} failed: {}",
+                    e.operation, e.device, e.reason
+                );
+                self.on_host_disk_full(true);
+            }
+            QmpEvent::BlockIoError(e) => eprintln!(
+                "supervisor: host I/O error: QEMU's {} on {} failed ({}): {}",
+                e.operation, e.device, e.action, e.reason
+            ),
+            QmpEvent::Shutdown { guest, reason } => {
+                eprintln!("supervisor: QEMU shutting down (guest: {guest}, {reason})")
+            }
+            QmpEvent::Stop | QmpEvent::Resume | QmpEvent::Other(_) => {}
+        }
+    }
+
+    /// The host file system holding the overlay disk is full: the guest's writes fail, with
+    /// ENOSPC while pen-init keeps within the host's space, with I/O errors when the host
+    /// filled up faster (`werror=report`). Said once per run, in `pen list` and to every
+    /// client; a client that connects later hears it when it says Hello.
+    fn on_host_disk_full(&mut self, io_errors: bool) {
+        if let Some(full) = &mut self.notes.host_disk_full {
+            if io_errors && !full.io_errors {
+                full.io_errors = true;
+                self.write_notes();
+            }
+            return;
+        }
+        let since = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        self.notes.host_disk_full = Some(DiskFull {
+            since,
+            disk: self.paths.overlay().display().to_string(),
+            io_errors,
+        });
+        self.write_notes();
+        // Every client prints it on stderr; one that greets later hears it then.
+        for text in self.notes.lines(&self.name) {
+            self.sessions.log(&text, false);
+        }
+    }
+
+    fn on_guest(&mut self, frame: Frame) -> Option<End> {
+        if frame.session != CONTROL {
+            self.sessions.on_guest(frame);
             return None;
         }
         match frame.message {
@@ -555,37 +627,17 @@ impl Sup<'_> {
             Message::Log { text } => {
                 // Not written to the supervisor log: setup output may echo env values.
                 self.reporter.send(&Report::Log(text.clone()));
-                let waiting: Vec<ClientId> = self
-                    .clients
-                    .iter()
-                    .filter(|(_, c)| c.waiting)
-                    .map(|(&id, _)| id)
-                    .collect();
-                for id in waiting {
-                    self.send_client(id, Frame::control(Message::Log { text: text.clone() }));
-                }
+                self.sessions.log(&text, true);
             }
             Message::Ready => {
+                if !self.become_(Phase::Ready) {
+                    eprintln!("supervisor: the guest said Ready while {:?}", self.phase);
+                    return None;
+                }
                 eprintln!("supervisor: VM ready (+{} ms)", super::since_start());
-                self.phase = Phase::Ready;
-                self.idle_since = Instant::now();
                 self.reporter.send(&Report::Ready);
                 self.reporter.close();
-                let waiting: Vec<ClientId> = self
-                    .clients
-                    .iter_mut()
-                    .filter(|(_, c)| c.waiting)
-                    .map(|(&id, c)| {
-                        c.waiting = false;
-                        id
-                    })
-                    .collect();
-                if !waiting.is_empty() {
-                    self.had_client = true;
-                }
-                for id in waiting {
-                    self.send_client(id, Frame::control(Message::Ready));
-                }
+                self.sessions.ready();
             }
             Message::BootFailed { stage, message } => {
                 return Some(End::BootFailed(format!("{stage}: {message}")));
@@ -633,7 +685,7 @@ impl Sup<'_> {
         }
         stage1.attach().await?;
         stage1.resume().await?;
-        // Dropping `stage1` closes the monitor connection and pen's handle on guest RAM.
+        // The monitor and guest RAM stay in `self.handles`.
         drop(stage1);
         eprintln!(
             "supervisor: sending configuration (+{} ms)",
@@ -650,26 +702,25 @@ impl Sup<'_> {
     }
 
     pub(super) fn send_guest(&self, frame: Frame) {
-        let _ = self.agent_tx.send(frame);
+        self.sessions.send_guest(frame);
+    }
+
+    /// Tells the spawner and every waiting client that the boot failed.
+    fn fail_waiters(&mut self, msg: &str) {
+        self.reporter.send(&Report::Error(msg.to_string()));
+        self.reporter.close();
+        self.sessions.fail_all(msg);
     }
 
     /// Powers the VM off: guest `Shutdown`, then QMP `quit`, then SIGKILL.
-    async fn stop(
-        &mut self,
-        qemu: &mut Spawned,
-        events: &mut UnboundedReceiver<Event>,
-        force: bool,
-    ) {
+    async fn stop(&mut self, qemu: &mut Spawned, events: &mut Receiver<Event>, force: bool) {
         let was = self.phase;
-        self.phase = Phase::Stopping;
+        self.become_(Phase::Stopping);
         if let Some(task) = self.accept_task.take() {
             task.abort();
         }
         let _ = std::fs::remove_file(self.paths.supervisor_socket());
-        let ids: Vec<ClientId> = self.clients.keys().copied().collect();
-        for id in ids {
-            self.send_client(id, Frame::control(Message::Shutdown { force }));
-        }
+        self.sessions.stopping(force);
         let grace = if was == Phase::Booting && !self.config_sent {
             // No agent to ask yet; nothing of the VM's has been written.
             Duration::ZERO
@@ -688,11 +739,10 @@ impl Sup<'_> {
             return;
         }
         eprintln!("supervisor: guest did not power off in {grace:?}; QMP quit");
-        // Before the stage-1 point our monitor connection is open, and QEMU takes one at a
-        // time: quit through it.
-        let held = self.stage1.take().map(|s| s.qmp);
-        if let Err(e) = qmp_quit(&self.paths.qmp_socket(), held).await {
-            eprintln!("supervisor: QMP quit: {e:#}");
+        match tokio::time::timeout(Duration::from_secs(3), self.handles.qmp.quit()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => eprintln!("supervisor: QMP quit: {e}"),
+            Err(_) => eprintln!("supervisor: QMP quit timed out"),
         }
         if self.wait_qemu(qemu, events, Duration::from_secs(3)).await {
             return;
@@ -707,7 +757,7 @@ impl Sup<'_> {
     async fn wait_while_syncing(
         &mut self,
         qemu: &mut Spawned,
-        events: &mut UnboundedReceiver<Event>,
+        events: &mut Receiver<Event>,
     ) -> bool {
         let overlay = self.paths.overlay();
         let mtime = || std::fs::metadata(&overlay).and_then(|m| m.modified()).ok();
@@ -732,7 +782,7 @@ impl Sup<'_> {
     async fn wait_qemu(
         &mut self,
         qemu: &mut Spawned,
-        events: &mut UnboundedReceiver<Event>,
+        events: &mut Receiver<Event>,
         limit: Duration,
     ) -> bool {
         let deadline = tokio::time::Instant::now() + limit;
@@ -778,22 +828,6 @@ fn boot_failure(name: &str, paths: &VmPaths, reason: &str, qemu_stderr: Option<&
         msg.push_str(tail.trim_end());
     }
     msg
-}
-
-/// QEMU's `quit` over QMP, on `held` when we have a connection open.
-async fn qmp_quit(path: &Path, held: Option<Qmp>) -> anyhow::Result<()> {
-    let attempt = async {
-        let mut qmp = match held {
-            Some(qmp) => qmp,
-            None => Qmp::connect(path).await?,
-        };
-        // QEMU may close the socket before it answers; the exit is what counts.
-        let _ = qmp.execute("quit", serde_json::json!({})).await;
-        anyhow::Ok(())
-    };
-    tokio::time::timeout(Duration::from_secs(3), attempt)
-        .await
-        .context("QMP timed out")?
 }
 
 #[cfg(test)]
