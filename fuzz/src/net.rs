@@ -38,12 +38,13 @@ pub const GUEST_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
 /// An address of "the host" for the policy's own-address rule.
 const HOST_OWN: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
 
-/// The VM's policy from one byte: mode (open, none, allow `*.allowed.test` and
+/// The VM's policy from one byte: mode (open, none, public, allow `*.allowed.test` and
 /// `allowed.test`), an allow-host entry for the host's port 8080, DNS overrides.
 pub fn policy_from(b: u8) -> NetworkPolicy {
-    let mode = match b % 3 {
+    let mode = match b % 4 {
         0 => Mode::Open,
         1 => Mode::None,
+        2 => Mode::Public,
         _ => Mode::Allow(vec!["*.allowed.test".into(), "allowed.test".into()]),
     };
     let mut policy = NetworkPolicy {

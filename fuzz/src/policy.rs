@@ -7,16 +7,18 @@ use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use pen_net::policy::{forbidden_class, Decision, Policy};
-use pen_net::{validate_domain, Mode, NetworkPolicy, GATEWAY};
+use pen_net::ranges::internal_range;
+use pen_net::{validate_domain, Cidr, Mode, NetworkPolicy, GATEWAY};
 
 use crate::input::Input;
 
 pub fn decisions(data: &[u8]) {
     let mut input = Input::new(data);
     let selector = input.u8();
-    let mode = match selector % 3 {
+    let mode = match selector % 4 {
         0 => Mode::Open,
         1 => Mode::None,
+        2 => Mode::Public,
         _ => Mode::Allow((0..input.u8() % 4).map(|_| input.string()).collect()),
     };
     // Each entry as pen's CLI checks it: normalised, and stable under a second check.
@@ -30,10 +32,20 @@ pub fn decisions(data: &[u8]) {
         }
     }
     let allow_hosts: Vec<SocketAddr> = (0..input.u8() % 3).map(|_| input.socket_addr()).collect();
+    // `--allow-net` ranges as the CLI would take them (those that parse; the CLI also
+    // refuses ranges outside the internal ones, which the policy must not rely on).
+    let allow_nets: Vec<Cidr> = (0..input.u8() % 3)
+        .filter_map(|_| {
+            let ip = input.ip();
+            let prefix = input.u8() % 129;
+            Cidr::parse(&format!("{ip}/{prefix}")).ok()
+        })
+        .collect();
     let own: HashSet<IpAddr> = (0..input.u8() % 3).map(|_| input.ip()).collect();
     let config = NetworkPolicy {
         mode: mode.clone(),
         allow_hosts: allow_hosts.clone(),
+        allow_nets: allow_nets.clone(),
         dns_overrides: Default::default(),
     };
     let Ok(mut policy) = Policy::new(config, own.clone()) else {
@@ -52,6 +64,19 @@ pub fn decisions(data: &[u8]) {
             1 => {
                 let name = input.string();
                 let addrs: Vec<IpAddr> = (0..input.u8() % 3).map(|_| input.ip()).collect();
+                // What pen's DNS gives the guest in mode public: no internal address
+                // that the person did not open.
+                let (kept, _) = policy.screen_answer(addrs.clone());
+                if matches!(mode, Mode::Public) {
+                    for ip in &kept {
+                        assert!(
+                            internal_range(*ip).is_none()
+                                || allow_nets.iter().any(|n| n.contains(*ip))
+                                || allow_hosts.iter().any(|h| h.ip() == *ip),
+                            "mode public answered internal {ip}"
+                        );
+                    }
+                }
                 policy.record_resolved(&name, &addrs);
                 resolved.extend(addrs);
             }
@@ -62,7 +87,15 @@ pub fn decisions(data: &[u8]) {
             _ => {
                 let dst = input.socket_addr();
                 if let Decision::Allow(target) = policy.decide(dst) {
-                    check_allowed(&mode, &allow_hosts, &own, &resolved, dst, target);
+                    check_allowed(
+                        &mode,
+                        &allow_hosts,
+                        &allow_nets,
+                        &own,
+                        &resolved,
+                        dst,
+                        target,
+                    );
                 }
             }
         }
@@ -74,6 +107,7 @@ pub fn decisions(data: &[u8]) {
 fn check_allowed(
     mode: &Mode,
     allow_hosts: &[SocketAddr],
+    allow_nets: &[Cidr],
     own: &HashSet<IpAddr>,
     resolved: &HashSet<IpAddr>,
     dst: SocketAddr,
@@ -101,8 +135,16 @@ fn check_allowed(
         "forbidden class allowed: {dst}"
     );
     assert!(!own.contains(&ip), "host's own address allowed: {dst}");
+    // An --allow-net range holds in every mode, like an allow-host entry.
+    if allow_nets.iter().any(|n| n.contains(ip)) {
+        return;
+    }
     match mode {
         Mode::None => panic!("mode none allowed {dst}"),
+        Mode::Public => assert!(
+            internal_range(ip).is_none(),
+            "mode public allowed internal {dst}"
+        ),
         Mode::Allow(_) => assert!(resolved.contains(&ip), "allow mode, unresolved {dst}"),
         _ => {}
     }
