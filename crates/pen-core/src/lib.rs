@@ -12,6 +12,7 @@
 //! * [`fsutil`]: atomic writes, hashing, file helpers; [`progress`]: spinners for long steps.
 //! * [`interrupt`]: what an interrupted `pen` undoes (builder VMs, packers, scratch dirs).
 
+pub mod ca_certs;
 pub mod envspec;
 pub mod error;
 pub mod fsutil;

@@ -18,6 +18,7 @@ mod power;
 mod pty;
 mod reaper;
 mod session;
+mod trust;
 
 use std::time::Instant;
 

@@ -27,7 +27,8 @@ pub use window::{Credit, Inbound, WindowError, GRANT_THRESHOLD, WINDOW};
 /// Bumped whenever a change to [`Message`] is not backwards compatible.
 /// 2: per-session flow control ([`Message::Window`], see [`window`]).
 /// 3: [`GuestConfig::volumes`] (read-only volumes mounted after the snapshot point).
-pub const PROTOCOL_VERSION: u32 = 3;
+/// 4: [`GuestConfig::ca_certs`] (extra CA certificates the VM trusts).
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Identifies one multiplexed session on a link.
 pub type SessionId = u32;
