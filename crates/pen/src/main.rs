@@ -6,6 +6,7 @@ mod catalog;
 mod cli;
 mod commands;
 mod doctor;
+mod host_cas;
 mod network;
 mod volumes;
 
