@@ -237,6 +237,29 @@ fn bad_ca_certs_are_refused_before_anything_is_created() {
             "a VM was created for {path}"
         );
     }
+    // A profile's ca_certs: checked before the VM (or the profile's image) is made.
+    let profiles = pen.home.join("profiles");
+    std::fs::create_dir_all(&profiles).unwrap();
+    for (value, words) in [
+        (
+            "relative/ca.crt".to_string(),
+            ["ca_certs", "not an absolute path"],
+        ),
+        (
+            missing.to_string_lossy().into_owned(),
+            ["ca_certs", "cannot read"],
+        ),
+    ] {
+        std::fs::write(
+            profiles.join("proxied.toml"),
+            format!("packages = []\nca_certs = \"{value}\"\n"),
+        )
+        .unwrap();
+        let args = pen.create_args("start", "bad", &["--profile", "proxied"]);
+        run(&pen, &args, TIMEOUT).usage_error(&words);
+        assert!(!pen.home.join("vms").join("bad").exists());
+        assert!(!pen.home.join("images").exists(), "an image was built");
+    }
 }
 
 #[test]
