@@ -3,85 +3,55 @@
 //! bundle only, so `npm install` or `pip install` in a profile's `build` fails there with
 //! `SELF_SIGNED_CERT_IN_CHAIN` or `certificate verify failed`.
 //!
-//! Trust is widened only when the user says so: `PEN_BUILD_CA_CERTS` names a PEM file or a
-//! directory of `*.crt`/`*.pem` files. The certificates are appended to the builder's CA
-//! bundle before `apt-get update`, and the bundle is put back as it was before the root is
-//! packed, so the image is the same as one built without them and the cache key does not
-//! depend on them. VMs booted from the image do not trust them. (Appending, not
-//! `update-ca-certificates`: that rehashes every certificate, over a minute under TCG.)
+//! Trust is widened only when the user says so: `PEN_BUILD_CA_CERTS`, else `PEN_CA_CERTS`
+//! (the setting VMs use: one variable serves both), else the profile's `ca_certs`, names a
+//! PEM file or a directory of `*.crt`/`*.pem` files (read and checked by
+//! [`pen_core::ca_certs`]). The certificates are appended to the builder's CA bundle before
+//! `apt-get update`, and the bundle is put back as it was before the root is packed, so the
+//! image is the same as one built without them and the cache key does not depend on them.
+//! VMs booted from the image trust them only when they are given them at start. (Appending,
+//! not `update-ca-certificates`: that rehashes every certificate, over a minute under TCG.)
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
+use pen_core::ca_certs::{self, CaCerts, GUEST_BUNDLE};
 use pen_core::error::UsageError;
 
-/// The environment variable naming the extra CA certificates.
+/// The environment variable naming the extra CA certificates for builds only.
 pub const ENV: &str = "PEN_BUILD_CA_CERTS";
-
-/// Debian's CA bundle: OpenSSL's default `CAfile`, GnuTLS's (apt) and the one the build
-/// environment points Node and pip at.
-const GUEST_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 
 /// Where the builder keeps the bundle as it was (a tmpfs: never part of the image).
 const GUEST_BUNDLE_SAVED: &str = "/run/pen-ca-bundle.orig";
 
-const BEGIN: &str = "-----BEGIN CERTIFICATE-----";
-const END: &str = "-----END CERTIFICATE-----";
-
-/// Certificates to trust during one build, each one PEM block.
+/// Certificates to trust during one build, and the setting they came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExtraCaCerts {
-    pub source: PathBuf,
-    pub certs: Vec<String>,
+    pub certs: CaCerts,
+    /// `PEN_BUILD_CA_CERTS`, `PEN_CA_CERTS` or `profile NAME's ca_certs`, for the build log.
+    pub setting: String,
 }
 
 impl ExtraCaCerts {
-    /// Reads `PEN_BUILD_CA_CERTS`; `None` when it is unset or empty.
-    pub fn from_env() -> Result<Option<ExtraCaCerts>, UsageError> {
-        match std::env::var_os(ENV) {
-            Some(value) if !value.is_empty() => Self::load(Path::new(&value)).map(Some),
-            _ => Ok(None),
-        }
-    }
-
-    /// Reads a PEM file, or every `*.crt` and `*.pem` file of a directory (sorted by name).
-    pub fn load(source: &Path) -> Result<ExtraCaCerts, UsageError> {
-        let unreadable = |e: std::io::Error| {
-            UsageError(format!(
-                "{ENV}={}: cannot read it ({e}); point it at a PEM file or a directory of *.crt files, or unset it",
-                source.display()
-            ))
-        };
-        let mut files = Vec::new();
-        if source.is_dir() {
-            for entry in std::fs::read_dir(source).map_err(unreadable)? {
-                let path = entry.map_err(unreadable)?.path();
-                let is_cert = matches!(
-                    path.extension().and_then(|e| e.to_str()),
-                    Some("crt" | "pem")
-                );
-                if is_cert && path.is_file() {
-                    files.push(path);
-                }
+    /// The certificates for a build: `PEN_BUILD_CA_CERTS`, else `PEN_CA_CERTS`, else the
+    /// profile's `ca_certs` (`profile_setting` = (its label, its path)); `None` when none is set.
+    pub fn for_build(
+        profile_setting: Option<(&str, &Path)>,
+    ) -> Result<Option<ExtraCaCerts>, UsageError> {
+        for var in [ENV, ca_certs::ENV] {
+            if let Some(certs) = CaCerts::from_env(var)? {
+                return Ok(Some(ExtraCaCerts {
+                    certs,
+                    setting: var.to_string(),
+                }));
             }
-            files.sort();
-        } else {
-            files.push(source.to_path_buf());
         }
-        let mut certs = Vec::new();
-        for file in &files {
-            let text = std::fs::read_to_string(file).map_err(unreadable)?;
-            certs.extend(split_pem(&text));
+        match profile_setting {
+            Some((label, path)) => Ok(Some(ExtraCaCerts {
+                certs: CaCerts::load(path, &format!("{label} {}", path.display()))?,
+                setting: label.to_string(),
+            })),
+            None => Ok(None),
         }
-        if certs.is_empty() {
-            return Err(UsageError(format!(
-                "{ENV}={}: no PEM certificate in it (expected {BEGIN} blocks); point it at the proxy's CA certificate, or unset it",
-                source.display()
-            )));
-        }
-        Ok(ExtraCaCerts {
-            source: source.to_path_buf(),
-            certs,
-        })
     }
 
     /// The build step that appends the certificates to the bundle, keeping the original.
@@ -118,25 +88,6 @@ impl ExtraCaCerts {
     }
 }
 
-/// The certificate blocks of a PEM text, each from its BEGIN to its END line; other blocks
-/// (keys, parameters) and text between blocks are dropped.
-pub fn split_pem(text: &str) -> Vec<String> {
-    let mut certs = Vec::new();
-    let mut current: Option<Vec<&str>> = None;
-    for line in text.lines().map(str::trim) {
-        if line == BEGIN {
-            current = Some(vec![line]);
-        } else if let Some(lines) = current.as_mut() {
-            lines.push(line);
-            if line == END {
-                certs.push(lines.join("\n") + "\n");
-                current = None;
-            }
-        }
-    }
-    certs
-}
-
 /// A hint for a failed build whose log shows a TLS verification failure, or `None`.
 pub fn hint_for_log(log_tail: &str) -> Option<String> {
     const SIGNS: &[&str] = &[
@@ -150,10 +101,11 @@ pub fn hint_for_log(log_tail: &str) -> Option<String> {
     if !SIGNS.iter().any(|s| log_tail.contains(s)) {
         return None;
     }
-    Some(if std::env::var_os(ENV).is_some_and(|v| !v.is_empty()) {
-        format!("a TLS certificate was not trusted even with {ENV}; check that it holds the CA your network's proxy presents")
+    let set = |v: &str| std::env::var_os(v).is_some_and(|v| !v.is_empty());
+    Some(if set(ENV) || set(ca_certs::ENV) {
+        format!("a TLS certificate was not trusted even with {ENV}/{}; check that it holds the CA your network's proxy presents", ca_certs::ENV)
     } else {
-        format!("a TLS certificate was not trusted: behind a TLS-intercepting proxy, set {ENV} to its CA certificate (a PEM file or a directory such as /usr/local/share/ca-certificates) to trust it during builds")
+        format!("a TLS certificate was not trusted: behind a TLS-intercepting proxy, set {} (VMs and builds) or {ENV} (builds only) to its CA certificate (a PEM file or a directory such as /usr/local/share/ca-certificates)", ca_certs::ENV)
     })
 }
 
@@ -165,50 +117,18 @@ mod tests {
     const CERT_B: &str = "-----BEGIN CERTIFICATE-----\nCCCC\n-----END CERTIFICATE-----\n";
 
     #[test]
-    fn split_pem_keeps_certificates_and_drops_the_rest() {
-        let text = format!(
-            "subject=CN=a\n{CERT_A}-----BEGIN PRIVATE KEY-----\nKKKK\n-----END PRIVATE KEY-----\n  {}",
-            CERT_B.replace('\n', "\r\n")
-        );
-        assert_eq!(
-            split_pem(&text),
-            vec![CERT_A.to_string(), CERT_B.to_string()]
-        );
-        assert!(split_pem("no certificates").is_empty());
-        // A block that never ends is not a certificate.
-        assert!(split_pem("-----BEGIN CERTIFICATE-----\nAAAA\n").is_empty());
-    }
-
-    #[test]
-    fn load_reads_a_file_or_the_cert_files_of_a_directory() {
+    fn install_passes_the_certificates_as_one_argument_and_remove_restores() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("b.crt"), CERT_B).unwrap();
         std::fs::write(dir.path().join("a.pem"), CERT_A).unwrap();
-        std::fs::write(dir.path().join("notes.txt"), CERT_A).unwrap();
-        let all = ExtraCaCerts::load(dir.path()).unwrap();
-        assert_eq!(all.certs, vec![CERT_A.to_string(), CERT_B.to_string()]);
+        let all = ExtraCaCerts {
+            certs: CaCerts::load(dir.path(), "X").unwrap(),
+            setting: ENV.into(),
+        };
         let install = all.install_command();
         assert_eq!(install[4], format!("{CERT_A}{CERT_B}"));
         assert!(!install[2].contains("BEGIN"), "{install:?}");
         assert_eq!(ExtraCaCerts::remove_command()[2], GUEST_BUNDLE_SAVED);
-
-        let one = ExtraCaCerts::load(&dir.path().join("b.crt")).unwrap();
-        assert_eq!(one.certs.len(), 1);
-    }
-
-    #[test]
-    fn load_refuses_missing_and_certificate_free_sources_naming_the_variable() {
-        let dir = tempfile::tempdir().unwrap();
-        let missing = ExtraCaCerts::load(&dir.path().join("nope.pem")).unwrap_err();
-        assert!(
-            missing.0.contains(ENV) && missing.0.contains("cannot read"),
-            "{missing}"
-        );
-        std::fs::write(dir.path().join("empty.crt"), "hello").unwrap();
-        let empty = ExtraCaCerts::load(&dir.path().join("empty.crt")).unwrap_err();
-        assert!(empty.0.contains("no PEM certificate"), "{empty}");
-        let empty_dir = tempfile::tempdir().unwrap();
-        assert!(ExtraCaCerts::load(empty_dir.path()).is_err());
     }
 
     #[test]

@@ -53,7 +53,9 @@ pub fn ensure(
 /// and reuses the result when it matches.
 pub fn build(home: &PenHome, profile: &LoadedProfile, base: &BaseImage) -> anyhow::Result<PathBuf> {
     // Checked before anything is created: a bad PEN_BUILD_CA_CERTS is a usage error.
-    let extra_ca = ExtraCaCerts::from_env()?;
+    let label = format!("profile {}'s ca_certs", profile.name);
+    let profile_ca = profile.profile.ca_certs_path(&label)?;
+    let extra_ca = ExtraCaCerts::for_build(profile_ca.as_deref().map(|p| (label.as_str(), p)))?;
     let dir = home.profile_image_dir(&profile.name);
     pen_core::fsutil::create_private_dir_all(&dir)?;
     let lock_file = std::fs::OpenOptions::new()
@@ -160,6 +162,7 @@ fn build_locked(
         network,
         // A builder mounts no volumes: its image must not depend on them.
         volumes: Vec::new(),
+        ca_certs: None,
     };
     let vm_paths = VmPaths::new(&builder_home, &vm.name);
     vm.save(&vm_paths)?;
@@ -180,6 +183,8 @@ fn build_locked(
             // The builder's home is temporary: a snapshot saved there would be thrown away.
             image_id: String::new(),
             no_snapshot: true,
+            // The build's extra CAs are build steps (`build_ca`), put back before packing.
+            ca_certs: Vec::new(),
         },
     )
     .context("the builder VM did not boot")?;
@@ -198,9 +203,9 @@ fn build_locked(
     if let Some(extra) = extra_ca {
         let line = format!(
             "pen: trusting {} extra CA certificate(s) from {} ({}) during this build only",
-            extra.certs.len(),
-            extra.source.display(),
-            build_ca::ENV
+            extra.certs.certs.len(),
+            extra.certs.source.display(),
+            extra.setting
         );
         progress.println(&line);
         writeln!(log, "{line}")?;

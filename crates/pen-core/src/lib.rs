@@ -14,6 +14,7 @@
 //! * [`space`]: the free-space floor and the warning about what VM disks could still write.
 //! * [`interrupt`]: what an interrupted `pen` undoes (builder VMs, packers, scratch dirs).
 
+pub mod ca_certs;
 pub mod envspec;
 pub mod error;
 pub mod fsutil;

@@ -39,6 +39,10 @@ pub struct Profile {
     /// Read-only volumes (`"NAME:/guest/path"`) attached to VMs made from the profile.
     #[serde(default)]
     pub volumes: Vec<String>,
+    /// Extra CA certificates (an absolute path: a PEM file or a directory of `*.crt`) trusted by VMs made from the profile and by its build, read from the host
+    /// at each start: never part of the image or its cache key (see [`crate::ca_certs`]).
+    #[serde(default)]
+    pub ca_certs: Option<String>,
 }
 
 /// `[network]`: `allow = ["deb.debian.org", "*.example.org"]` (only these names resolve,
@@ -271,6 +275,18 @@ impl Profile {
         hex::encode(Sha256::digest(canonical.to_string().as_bytes()))
     }
 
+    /// The profile's `ca_certs` path, which must be absolute (a profile is used from any
+    /// directory); `label` names the setting in errors.
+    pub fn ca_certs_path(&self, label: &str) -> Result<Option<PathBuf>, UsageError> {
+        match self.ca_certs.as_deref() {
+            None | Some("") => Ok(None),
+            Some(path) if Path::new(path).is_absolute() => Ok(Some(PathBuf::from(path))),
+            Some(path) => Err(UsageError::new(format!(
+                "{label} {path:?} is not an absolute path; give the full path of the PEM file or directory"
+            ))),
+        }
+    }
+
     /// sha256 of the setup script, kept in vm.json to notice later edits.
     pub fn setup_hash(&self) -> Option<String> {
         self.setup
@@ -365,7 +381,7 @@ mod tests {
     #[test]
     fn cache_key_depends_on_packages_build_and_base_only() {
         let a = p("packages = [\"jq\", \"git\"]\nbuild = \"x\"\nsetup = \"one\"\n").unwrap();
-        let same = p("packages = [\"git\", \"jq\", \"jq\"]\nbuild = \"x\"\nsetup = \"two\"\n[disk]\nsize = \"5G\"\n").unwrap();
+        let same = p("packages = [\"git\", \"jq\", \"jq\"]\nbuild = \"x\"\nsetup = \"two\"\nca_certs = \"/etc/proxy-ca\"\n[disk]\nsize = \"5G\"\n").unwrap();
         let other_build = p("packages = [\"jq\", \"git\"]\nbuild = \"y\"\n").unwrap();
         let other_packages = p("packages = [\"jq\"]\nbuild = \"x\"\n").unwrap();
         assert_eq!(a.cache_key("base1"), same.cache_key("base1"));

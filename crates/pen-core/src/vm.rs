@@ -41,6 +41,10 @@ pub struct VmConfig {
     /// [`crate::volume::MAX_VOLUMES`]).
     #[serde(default)]
     pub volumes: Vec<VolumeMount>,
+    /// Extra CA certificates the VM trusts (`--ca-certs`, a profile's `ca_certs`): the path
+    /// on the host, absolute, read at each start (see [`crate::ca_certs`]); never a copy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_certs: Option<PathBuf>,
 }
 
 /// A VM's network settings as recorded: plain strings, checked by pen-net's parsers where
@@ -355,6 +359,7 @@ mod tests {
             created_at: 1,
             network: NetworkSettings::default(),
             volumes: Vec::new(),
+            ca_certs: None,
         }
     }
 
@@ -476,6 +481,8 @@ pub struct CreationFlags {
     pub publish: Option<Vec<String>>,
     /// `--volume` values when any was given (they replace the recorded list; checked).
     pub volumes: Option<Vec<VolumeMount>>,
+    /// `--ca-certs`: `Some(None)` for `none` (clears the record); absolute and checked.
+    pub ca_certs: Option<Option<PathBuf>>,
 }
 
 pub const DEFAULT_MEMORY_MB: u32 = 2048;
@@ -508,6 +515,7 @@ pub fn resolve_config(
             created_at: now_secs(),
             network: network_from_flags(NetworkSettings::default(), flags),
             volumes: flags.volumes.clone().unwrap_or_default(),
+            ca_certs: flags.ca_certs.clone().flatten(),
         };
         return (vm, notices);
     };
@@ -579,6 +587,21 @@ pub fn resolve_config(
                 describe_volumes(&vm.volumes)
             ));
             vm.volumes = volumes.clone();
+        }
+    }
+    if let Some(ca_certs) = flags.ca_certs.as_ref().filter(|c| **c != vm.ca_certs) {
+        changes.push("--ca-certs");
+        if !running {
+            let describe = |c: &Option<PathBuf>| match c {
+                Some(path) => path.display().to_string(),
+                None => "none".to_string(),
+            };
+            notices.push(format!(
+                "VM {name}'s extra CA certificates are now {} (were {})",
+                describe(ca_certs),
+                describe(&vm.ca_certs)
+            ));
+            vm.ca_certs = ca_certs.clone();
         }
     }
     if running && !changes.is_empty() {
@@ -663,7 +686,37 @@ mod resolve_tests {
             created_at: 1,
             network: NetworkSettings::default(),
             volumes: Vec::new(),
+            ca_certs: None,
         }
+    }
+
+    #[test]
+    fn ca_certs_are_recorded_replaced_and_cleared_but_not_while_running() {
+        let set = CreationFlags {
+            ca_certs: Some(Some("/etc/proxy-ca".into())),
+            ..Default::default()
+        };
+        let (vm, _) = resolve_config("dev", None, &set, false, Path::new("/w"));
+        assert_eq!(vm.ca_certs, Some(PathBuf::from("/etc/proxy-ca")));
+        let (kept, _) = resolve_config(
+            "dev",
+            Some(vm.clone()),
+            &CreationFlags::default(),
+            false,
+            Path::new("/w"),
+        );
+        assert_eq!(kept.ca_certs, vm.ca_certs);
+        let clear = CreationFlags {
+            ca_certs: Some(None),
+            ..Default::default()
+        };
+        let (running, notices) =
+            resolve_config("dev", Some(vm.clone()), &clear, true, Path::new("/w"));
+        assert_eq!(running.ca_certs, vm.ca_certs);
+        assert!(notices[0].contains("--ca-certs ignored"), "{notices:?}");
+        let (cleared, notices) = resolve_config("dev", Some(vm), &clear, false, Path::new("/w"));
+        assert_eq!(cleared.ca_certs, None);
+        assert!(notices[0].contains("now none"), "{notices:?}");
     }
 
     #[test]

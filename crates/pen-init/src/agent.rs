@@ -16,7 +16,7 @@ use crate::boot::{self, BootError};
 use crate::link::{Incoming, LinkTx};
 use crate::reaper::Reaper;
 use crate::session::{self, StartError};
-use crate::{console, env, net, power};
+use crate::{console, env, net, power, trust};
 
 /// How long a BootFailed message may take to reach the host before powering off anyway.
 const FAILURE_FLUSH: Duration = Duration::from_secs(2);
@@ -358,9 +358,16 @@ fn configure(config: &GuestConfig, disks: &Disks, step: &dyn Fn(&str)) -> Result
     } else {
         config.hostname.clone()
     };
+    // Before any session: the first command already trusts the host's extra CAs.
+    let trust_env = trust::apply(Path::new("/"), &config.ca_certs)
+        .map_err(|e| BootError::new("ca-certs", format!("the CA store: {e}")))?;
+    if !config.ca_certs.is_empty() {
+        step("ca certificates");
+    }
+    // The VM's own env (--env) may override the tool variables trust sets.
     let base = env::base(&hostname, "/root");
-    let vm_env = env::merge([&base[..], &config.env[..]]);
-    env::write_env_file(&env::merge([&config.env[..]]))
+    let vm_env = env::merge([&base[..], &trust_env[..], &config.env[..]]);
+    env::write_env_file(&env::merge([&trust_env[..], &config.env[..]]))
         .map_err(|e| BootError::new("env", format!("/run/pen/env: {e}")))?;
     Ok(Vm {
         env: vm_env,

@@ -19,6 +19,7 @@ mod pty;
 mod reaper;
 mod session;
 mod space;
+mod trust;
 
 use std::time::Instant;
 

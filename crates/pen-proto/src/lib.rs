@@ -30,7 +30,8 @@ pub use window::{Credit, Inbound, WindowError, GRANT_THRESHOLD, WINDOW};
 /// 2: per-session flow control ([`Message::Window`], see [`window`]).
 /// 3: [`GuestConfig::volumes`] (read-only volumes mounted after the snapshot point).
 /// 4: [`Message::HostSpace`] (the host disk's free space, which the guest keeps within).
-pub const PROTOCOL_VERSION: u32 = 4;
+/// 5: [`GuestConfig::ca_certs`] (extra CA certificates the VM trusts).
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// Identifies one multiplexed session on a link.
 pub type SessionId = u32;

@@ -139,6 +139,9 @@ pub struct GuestConfig {
     pub machine_id: String,
     /// Read-only volumes to mount before `Ready`, each on its own disk slot.
     pub volumes: Vec<GuestVolume>,
+    /// Extra CA certificates (PEM blocks) the VM trusts at this boot, in its system store
+    /// and through the variables common tools read; none: the VM trusts only its own store.
+    pub ca_certs: Vec<String>,
 }
 
 /// A read-only volume (squashfs) on disk slot `slot` (see [`crate::VOLUME_SLOTS`]), to be

@@ -57,6 +57,7 @@ fn guest_config() -> impl Strategy<Value = GuestConfig> {
             (any::<u8>(), text()).prop_map(|(slot, path)| GuestVolume { slot, path }),
             0..3,
         ),
+        vec(text(), 0..3),
     )
         .prop_map(
             |(
@@ -70,6 +71,7 @@ fn guest_config() -> impl Strategy<Value = GuestConfig> {
                 entropy,
                 machine_id,
                 volumes,
+                ca_certs,
             )| {
                 GuestConfig {
                     hostname,
@@ -82,6 +84,7 @@ fn guest_config() -> impl Strategy<Value = GuestConfig> {
                     entropy,
                     machine_id,
                     volumes,
+                    ca_certs,
                 }
             },
         )

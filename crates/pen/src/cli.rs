@@ -246,4 +246,10 @@ pub struct CreateArgs {
     /// clears it.
     #[arg(long = "volume", value_name = "NAME:/PATH")]
     pub volume: Vec<String>,
+    /// Trust these extra CA certificates (a PEM file or a directory of *.crt), e.g. a
+    /// TLS-intercepting proxy's: in the guest's system store and for Node, pip, curl and
+    /// OpenSSL, from the first command. Recorded by path and read at each start; `none`
+    /// clears it. Without it, PEN_CA_CERTS applies.
+    #[arg(long = "ca-certs", value_name = "PATH")]
+    pub ca_certs: Option<String>,
 }

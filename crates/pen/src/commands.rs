@@ -198,6 +198,9 @@ fn prepare(home: &PenHome, name: Option<&str>, args: &CreateArgs) -> anyhow::Res
                 if flags.volumes.is_none() && !p.volumes.is_empty() {
                     flags.volumes = Some(p.volume_mounts());
                 }
+                if flags.ca_certs.is_none() {
+                    flags.ca_certs = crate::ca_certs::from_profile(loaded)?.map(Some);
+                }
             }
             Some(vm) if vm.profile.as_deref() != Some(loaded.name.as_str()) => eprintln!(
                 "pen: --profile {} ignored: VM {name} was created {}; delete it to change its profile",
@@ -212,6 +215,10 @@ fn prepare(home: &PenHome, name: Option<&str>, args: &CreateArgs) -> anyhow::Res
     }
     let (mut config, notices) =
         vm::resolve_config(&name, existing.clone(), &flags, running, &default_dir);
+    if !running {
+        // The certificates this start will send (record or PEN_CA_CERTS) are readable.
+        crate::ca_certs::for_start(&config)?;
+    }
     if !running {
         // Every volume the VM will mount at this start exists (flags, profile or record).
         let from = if !args.volume.is_empty() {
@@ -361,6 +368,7 @@ fn parse_flags(args: &CreateArgs, dir: Option<PathBuf>) -> anyhow::Result<Creati
         allow_nets: network.allow_nets,
         publish: network.publish,
         volumes,
+        ca_certs: crate::ca_certs::parse_flag(args.ca_certs.as_deref())?,
     })
 }
 
@@ -386,6 +394,12 @@ fn start(
     keep_running: bool,
 ) -> anyhow::Result<Vec<(String, String)>> {
     let env = resolve_env(args)?;
+    // Read at each start (a running VM has its configuration already).
+    let paths = VmPaths::new(home, &vm.name);
+    let ca_certs = match vm::status(&paths).0 {
+        Status::Running => Vec::new(),
+        _ => crate::ca_certs::for_start(vm)?,
+    };
     let base = pen_build::ensure_base(home)?;
     let (rootfs, setup_script, image_id) = match &vm.profile {
         None => (base.rootfs.clone(), None, base.manifest.image_id.clone()),
@@ -417,6 +431,7 @@ fn start(
             mode: pen_proto::BootMode::Shell,
             image_id,
             no_snapshot: args.no_snapshot,
+            ca_certs,
         },
     )?;
     Ok(env)

@@ -187,7 +187,14 @@ pub fn run(home: &PenHome) -> bool {
         "resource limits",
         cgroup_offer(&CgroupHost::read())
     );
-    match pen_core::image::BaseImage::load(home) {
+    let base = pen_core::image::BaseImage::load(home);
+    // Not a requirement: a warning for hosts behind a TLS-intercepting proxy.
+    match crate::host_cas::check(base.as_ref()) {
+        Some((true, text)) => println!("ok       {:<20} {text}", "extra CAs"),
+        Some((false, text)) => println!("WARN     {:<20} {text}", "extra CAs"),
+        None => {}
+    }
+    match base {
         Some(base) => println!(
             "ok       {:<20} {} (kernel {}, built {} ago)",
             "base image",

@@ -1,10 +1,12 @@
 //! `pen`: a thin command line over the pen libraries: `pen-core` (data), `pen-vm` (the
 //! runtime) and `pen-build` (image builders).
 
+mod ca_certs;
 mod catalog;
 mod cli;
 mod commands;
 mod doctor;
+mod host_cas;
 mod network;
 mod volumes;
 

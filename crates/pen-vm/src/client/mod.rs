@@ -56,6 +56,9 @@ pub struct StartOptions {
     pub image_id: String,
     /// `--no-snapshot`: boot cold, neither restoring nor saving a snapshot.
     pub no_snapshot: bool,
+    /// Extra CA certificates (PEM blocks) the VM trusts at this start, read from the host
+    /// by the caller: like env values, they travel only to the guest, never to a file.
+    pub ca_certs: Vec<String>,
 }
 
 /// How long a VM may sit locked but not answering (a supervisor starting up or shutting
@@ -141,6 +144,7 @@ pub fn ensure_running(home: &PenHome, vm: &VmConfig, opts: StartOptions) -> anyh
             mode: opts.mode,
             image_id: opts.image_id.clone(),
             no_snapshot: opts.no_snapshot,
+            ca_certs: opts.ca_certs.clone(),
         };
         match spawn_supervisor(home, &paths, &vm.name, &params, &choice, opts.quiet)? {
             // Hold the VM for our session; if it is gone already, the loop starts it again.

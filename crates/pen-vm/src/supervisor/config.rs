@@ -10,6 +10,9 @@ use super::Params;
 pub(super) fn guest_config(name: &str, params: &Params, volumes: &[GuestVolume]) -> GuestConfig {
     GuestConfig {
         volumes: volumes.to_vec(),
+        // Sent at every boot and restore: the snapshot point is before the config, so no
+        // snapshot ever holds them.
+        ca_certs: params.ca_certs.clone(),
         ..fresh_guest_config(
             name,
             params.env.clone(),
@@ -49,5 +52,6 @@ pub fn fresh_guest_config(
         entropy,
         machine_id: hex::encode(id),
         volumes: Vec::new(),
+        ca_certs: Vec::new(),
     }
 }

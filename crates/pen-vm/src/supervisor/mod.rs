@@ -70,6 +70,9 @@ pub struct Params {
     /// Boot cold: neither restore nor save a snapshot (`--no-snapshot`).
     #[serde(default)]
     pub no_snapshot: bool,
+    /// Extra CA certificates (PEM blocks) for the guest's [`pen_proto::GuestConfig`].
+    #[serde(default)]
+    pub ca_certs: Vec<String>,
 }
 
 /// One line of boot progress from the supervisor to its spawner (stdout pipe).
@@ -350,6 +353,7 @@ mod tests {
             mode: BootMode::Build,
             image_id: "51d98c4b".into(),
             no_snapshot: true,
+            ca_certs: vec!["-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n".into()],
         };
         let json = serde_json::to_vec(&p).unwrap();
         assert!(String::from_utf8_lossy(&json).contains("\"accel\":\"tcg\""));
