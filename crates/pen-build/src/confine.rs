@@ -207,20 +207,7 @@ impl Jail {
     /// Only between fork and exec, in a fresh mount namespace.
     unsafe fn build_root(&self) -> io::Result<()> {
         let null = std::ptr::null::<libc::c_char>();
-        check(libc::mount(
-            null,
-            c"/".as_ptr(),
-            null,
-            libc::MS_REC | libc::MS_PRIVATE,
-            std::ptr::null(),
-        ))?;
-        check(libc::mount(
-            c"tmpfs".as_ptr(),
-            c"/tmp".as_ptr(),
-            c"tmpfs".as_ptr(),
-            libc::MS_NOSUID | libc::MS_NODEV,
-            c"size=1m,mode=0755".as_ptr().cast(),
-        ))?;
+        private_tmp(c"size=1m,mode=0755")?;
         check(libc::chdir(c"/tmp".as_ptr()))?;
         check(libc::mkdir(c"newroot".as_ptr(), 0o755))?;
         check(libc::mkdir(c"oldroot".as_ptr(), 0o755))?;
@@ -628,6 +615,29 @@ pub fn userns_fix(failure: &UsernsFailure, sysctls: &UsernsSysctls) -> String {
     }
 }
 
+/// Makes every mount of this (fresh) mount namespace private, then mounts a small tmpfs
+/// (`options`) on `/tmp`: the first steps of the jail, and what `pen doctor` tries.
+///
+/// # Safety
+/// Only between fork and exec, in a fresh mount namespace.
+unsafe fn private_tmp(options: &std::ffi::CStr) -> io::Result<()> {
+    check(libc::mount(
+        std::ptr::null(),
+        c"/".as_ptr(),
+        std::ptr::null(),
+        libc::MS_REC | libc::MS_PRIVATE,
+        std::ptr::null(),
+    ))?;
+    check(libc::mount(
+        c"tmpfs".as_ptr(),
+        c"/tmp".as_ptr(),
+        c"tmpfs".as_ptr(),
+        libc::MS_NOSUID | libc::MS_NODEV,
+        options.as_ptr().cast(),
+    ))?;
+    Ok(())
+}
+
 /// Creates a user namespace, mounts in it, then runs `true` in a full [`Jail`]: what
 /// `pen doctor` checks, stage by stage, since Ubuntu's AppArmor restriction lets the first
 /// step succeed and only the mount fail.
@@ -649,20 +659,7 @@ pub fn check_user_namespaces() -> Result<(), UsernsFailure> {
                 write_file(c"/proc/self/uid_map", &uid_map)?;
                 write_file(c"/proc/self/gid_map", &gid_map)?;
                 if mount {
-                    check(libc::mount(
-                        std::ptr::null(),
-                        c"/".as_ptr(),
-                        std::ptr::null(),
-                        libc::MS_REC | libc::MS_PRIVATE,
-                        std::ptr::null(),
-                    ))?;
-                    check(libc::mount(
-                        c"tmpfs".as_ptr(),
-                        c"/tmp".as_ptr(),
-                        c"tmpfs".as_ptr(),
-                        libc::MS_NOSUID | libc::MS_NODEV,
-                        c"size=1m".as_ptr().cast(),
-                    ))?;
+                    private_tmp(c"size=1m")?;
                 }
                 Ok(())
             });

@@ -22,18 +22,6 @@ const MEMORY: u32 = 1160;
 /// Installing curl with apt under TCG on a loaded machine.
 const APT_TIMEOUT: Duration = Duration::from_secs(900);
 
-/// The host's locally added CA certificates, when it has any.
-fn host_extra_cas() -> Option<PathBuf> {
-    let dir = PathBuf::from("/usr/local/share/ca-certificates");
-    let has_certs = std::fs::read_dir(&dir)
-        .map(|r| {
-            r.flatten()
-                .any(|e| e.file_name().to_string_lossy().ends_with(".crt"))
-        })
-        .unwrap_or(false);
-    has_certs.then_some(dir)
-}
-
 /// The host's first apt mirror, switched to HTTPS: its suite's `Release` file.
 fn https_url_from_host_apt() -> Option<String> {
     let sources = pen_build::sources::host_sources(Path::new("/etc"), None).ok()?;

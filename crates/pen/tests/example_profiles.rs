@@ -35,18 +35,6 @@ fn install_example(pen: &Pen, name: &str) {
         .unwrap_or_else(|e| panic!("{}: {e}", example(name).display()));
 }
 
-/// The host's locally added CA certificates, when it has any.
-fn host_extra_cas() -> Option<PathBuf> {
-    let dir = PathBuf::from("/usr/local/share/ca-certificates");
-    let has_certs = std::fs::read_dir(&dir)
-        .map(|r| {
-            r.flatten()
-                .any(|e| e.file_name().to_string_lossy().ends_with(".crt"))
-        })
-        .unwrap_or(false);
-    has_certs.then_some(dir)
-}
-
 /// A base64 line from the middle of the first certificate under `dir`: it occurs in a
 /// bundle only if that certificate does.
 fn distinctive_cert_line(dir: &std::path::Path) -> Option<String> {

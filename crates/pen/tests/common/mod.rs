@@ -783,3 +783,15 @@ impl Running {
         None
     }
 }
+
+/// The host's locally added CA certificates, when it has any.
+pub fn host_extra_cas() -> Option<PathBuf> {
+    let dir = PathBuf::from("/usr/local/share/ca-certificates");
+    let has_certs = std::fs::read_dir(&dir)
+        .map(|r| {
+            r.flatten()
+                .any(|e| e.file_name().to_string_lossy().ends_with(".crt"))
+        })
+        .unwrap_or(false);
+    has_certs.then_some(dir)
+}
